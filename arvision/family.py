@@ -1,0 +1,48 @@
+"""The Family interface: one shape for every model the loop trains.
+
+A family is built from its config by `arvision.families.build`. The loop only ever calls the methods
+below, so adding a model never touches `train.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+KINDS = ("tokenizer", "generator", "classifier")
+
+
+class Family:
+  """Base class for model families (generators, tokenizers, classifiers).
+
+  Attributes:
+    kind: one of `KINDS`; decides which evaluation the loop runs.
+    frozen_keys: top-level param keys that the loop supplies (e.g. "tokenizer") and never trains.
+    config: the family's resolved config.
+  """
+
+  kind: str = "generator"
+  frozen_keys: tuple[str, ...] = ()
+
+  def __init__(self, config):
+    self.config = config
+
+  def init(self, rng: jax.Array, batch: Batch) -> Params:
+    """Returns the trainable params (without `frozen_keys`)."""
+    raise NotImplementedError
+
+  def loss(self, params: Params, batch: Batch, rng: jax.Array, train: bool):
+    """Returns `(loss, metrics)`: a scalar and a dict of scalars. Must be jit-able."""
+    raise NotImplementedError
+
+  def sample(self, params: Params, cond: jax.Array, rng: jax.Array, **kw) -> jax.Array:
+    """Generators: images (uint8 NHWC) for int labels `cond`. Static shapes, jit-able."""
+    raise NotImplementedError(f"{type(self).__name__} does not sample")
+
+  def sample_defaults(self) -> dict:
+    """Sampling keyword arguments taken from the config (`config.sample`)."""
+    return dict(self.config.get("sample", {}))
