@@ -59,6 +59,9 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.resume_from = ""  # a checkpoint dir (step dir or workdir) to resume state from
   c.init_from = ""  # a checkpoint whose params (only) initialise the model
 
+  c.model = mlc.ConfigDict()  # family-specific
+  c.sample = mlc.ConfigDict()  # generators: default sampling settings (family.sample kwargs)
+
   c.data = mlc.ConfigDict()
   c.data.source = "fashion_mnist"  # fashion_mnist | tfds:<name> | folder:<path> | tokens:<path> | synthetic
   c.data.data_dir = ""  # TFDS data_dir / cache dir ("" = ~/.cache/arvision/tfds or $ARVISION_DATA_DIR)

@@ -14,11 +14,19 @@ FAMILIES = {
 
 
 def build(config, tokenizer: Family | None = None) -> Family:
-  """Builds the family that `config.family` names, handing it its (frozen) tokenizer family."""
+  """Builds the family that `config.family` names, handing it its (frozen) tokenizer family.
+
+  `config.family` is a registered name or the dotted path of a module with `build(config, tokenizer)`
+  (a family of your own, no registry edit needed).
+  """
   name = config.family
-  if name not in FAMILIES:
-    raise ValueError(f"config.family={name!r} is not a known family; accepted: {sorted(FAMILIES)}")
-  module = importlib.import_module(FAMILIES[name])
+  try:
+    module = importlib.import_module(FAMILIES.get(name, name))
+  except ModuleNotFoundError as e:
+    if name in FAMILIES or e.name != name:
+      raise
+    raise ValueError(f"config.family={name!r} is not a known family; accepted: {sorted(FAMILIES)} "
+                     "or an importable module path") from None
   return module.build(config, tokenizer=tokenizer)
 
 

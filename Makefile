@@ -1,0 +1,36 @@
+# Every target does its own setup on a fresh machine: venv, pip install, the Fashion-MNIST package.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+QUICKSTART ?= runs/quickstart
+
+.PHONY: setup data quickstart test lint clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,convert]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+data:
+	@test -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+
+# The main job: tokenizer (trained first when absent) + VAR on Fashion-MNIST, then samples + metrics.
+quickstart: setup data
+	$(BIN)/arvision train --config configs/var.py:fmnist --workdir $(QUICKSTART)
+	$(BIN)/arvision eval --workdir $(QUICKSTART) --num_samples 1000 --out $(QUICKSTART)/eval
+
+test: setup data
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: setup
+	$(BIN)/ruff check arvision configs experiments tests
+	$(BIN)/ruff format --check arvision configs experiments tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,104 @@
+"""`arvision train|eval|sample` — thin; the logic lives in importable modules.
+
+    arvision train  --config configs/tokenizer.py:fmnist_msvq --workdir runs/tok [--config.total_steps=N]
+    arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval
+    arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+COMMANDS = ("train", "eval", "sample")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "path/to/config.py[:variant]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
+_OUT = flags.DEFINE_string("out", None, "eval: output dir; sample: PNG path")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "eval: number of samples/reconstructions")
+_LABELS = flags.DEFINE_string("labels", "0", "sample: comma-separated class labels")
+_PER_LABEL = flags.DEFINE_integer("per_label", 8, "sample: images per label (one row each)")
+_SEED = flags.DEFINE_integer("seed", 0, "sample/eval: rng seed")
+_SAMPLE_KW = flags.DEFINE_string("sample_kw", "", "sampling overrides, e.g. cfg=1.5,top_k=900")
+
+
+def _parse_kw(text: str) -> dict:
+  out = {}
+  for part in filter(None, text.split(",")):
+    if "=" not in part:
+      raise app.UsageError(f"--sample_kw entry {part!r} is not key=value")
+    k, v = part.split("=", 1)
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v
+  return out
+
+
+def _require(flag, name):
+  if flag.value is None:
+    raise app.UsageError(f"--{name} is required")
+  return flag.value
+
+
+def _train():
+  from arvision.train import train
+
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/var.py:fmnist")
+  train(config, _require(_WORKDIR, "workdir"))
+
+
+def _eval():
+  from arvision import api, evaluator
+
+  workdir = _require(_WORKDIR, "workdir")
+  model = api.load(workdir)
+  out = _OUT.value or os.path.join(workdir, "eval")
+  metrics = evaluator.run(model.family, model.params, model.config, workdir, step=model.step,
+                          out_dir=out, num_samples=_NUM_SAMPLES.value,
+                          sample_kw=_parse_kw(_SAMPLE_KW.value) or None)
+  print({k: round(v, 4) for k, v in metrics.items()})
+
+
+def _sample():
+  import jax
+  import numpy as np
+
+  from arvision import api, visualize
+
+  model = api.load(_require(_WORKDIR, "workdir"))
+  labels = [int(x) for x in _LABELS.value.split(",")]
+  labels = np.repeat(np.asarray(labels, np.int32), _PER_LABEL.value)
+  images = model.sample(labels, jax.random.key(_SEED.value), **_parse_kw(_SAMPLE_KW.value))
+  out = _OUT.value or "samples.png"
+  visualize.save_grid(out, images, nrow=_PER_LABEL.value, scale=2)
+  print(f"wrote {out}")
+
+
+def main(argv):
+  del argv
+  {"train": _train, "eval": _eval, "sample": _sample}[_COMMAND]()
+
+
+_COMMAND = None
+
+
+def run():
+  global _COMMAND
+  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    print(f"usage: arvision {{{'|'.join(COMMANDS)}}} [flags]\n\n{__doc__}", file=sys.stderr)
+    sys.exit(2)
+  _COMMAND = sys.argv[1]
+  logging.set_verbosity(logging.INFO)
+  app.run(main, argv=[f"arvision {_COMMAND}"] + sys.argv[2:])
+
+
+if __name__ == "__main__":
+  run()
