@@ -1,0 +1,209 @@
+"""One attention call for every model, with the mask given as a spec (`arvision.ops.masks`).
+
+`attention(q, k, v, mask=spec, impl=...)` picks an implementation:
+
+- `"xla"`: the dense reference. einsum, the spec's dense boolean mask, float32 softmax. Supports
+  every spec, dtype and backend; every kernel is tested against it (forward and gradients).
+- `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")`, only where the spec needs no
+  dense bias (`full`, or `causal` with aligned queries and keys), in bf16/fp16 on a GPU.
+- `"pallas"`, `"splash"`: the scale-wise Pallas kernels (GPU) and splash attention with computable
+  masks (TPU). Not built yet: arvision/kernels (issue 4) adds them behind this same call.
+- `"auto"`: CPU -> xla; GPU -> cudnn where supported, else xla; TPU -> xla. Once the kernels land
+  (issue 4), auto picks pallas/splash for segment masks (`scale_causal`, `block_diagonal`,
+  `chunk_causal`) so that a fast path never falls back to a dense L x L mask.
+
+Layouts are `[B, L, H, D]` (batch, sequence, heads, head dim). Grouped-query attention: with `Hkv`
+kv heads, query head `h` uses kv head `h // (H // Hkv)` (PyTorch `repeat_interleave` order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arvision.ops import masks as masks_lib
+
+IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
+
+_KERNELS_PENDING = "Pallas scale-wise kernels: see arvision/kernels (issue 4)"
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Hopper's limit; older GPUs allow 128 and jax raises its own error there.
+_CUDNN_MAX_HEAD_DIM = 256
+
+SUPPORTS = {
+  "xla": "every mask spec, any float dtype, any backend (dense [Lq, Lk] mask; the reference)",
+  "cudnn": (
+    "masks full, and causal with Lq == Lk and q_offset == 0; bf16/fp16 q, k, v of one dtype; "
+    f"head dim a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, equal for q and v; GPU backend"
+  ),
+  "pallas": f"not built yet ({_KERNELS_PENDING})",
+  "splash": f"not built yet ({_KERNELS_PENDING})",
+}
+
+
+def _check_inputs(q, k, v, mask, scale):
+  if not isinstance(mask, masks_lib.MaskSpec):
+    raise ValueError(
+      f"attention: mask must be a MaskSpec from arvision.ops.masks (full(), causal(), "
+      f"scale_causal(lengths), block_diagonal(lengths), chunk_causal(chunk)), got {mask!r}"
+    )
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4:
+      raise ValueError(f"attention: {name} must be [B, L, H, D], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"attention: {name} must have a float dtype, got {x.dtype}")
+  b, _, h, d = q.shape
+  bk, lk, hkv, dk = k.shape
+  if bk != b or v.shape[0] != b:
+    raise ValueError(f"attention: batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+  if v.shape[1] != lk or v.shape[2] != hkv:
+    raise ValueError(f"attention: k and v must share [B, Lk, Hkv]: k {k.shape}, v {v.shape}")
+  if dk != d:
+    raise ValueError(f"attention: q and k head dims differ: q {q.shape}, k {k.shape}")
+  if hkv < 1 or h % hkv:
+    raise ValueError(
+      f"attention: kv heads ({hkv}) must divide query heads ({h}) for grouped-query attention"
+    )
+  if scale is not None and not isinstance(scale, (int, float, np.floating, jax.Array)):
+    raise ValueError(f"attention: scale must be a float or None (1/sqrt(D)), got {scale!r}")
+
+
+def _static_offset(q_offset):
+  """The offset as an int, or None when it is a traced value."""
+  if isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool):
+    if q_offset < 0:
+      raise ValueError(f"attention: q_offset must be >= 0, got {q_offset}")
+    return int(q_offset)
+  if isinstance(q_offset, jax.Array) and q_offset.ndim == 0:
+    if jnp.issubdtype(q_offset.dtype, jnp.integer):
+      return None
+  raise ValueError(
+    f"attention: q_offset must be a non-negative int or int scalar, got {q_offset!r}"
+  )
+
+
+def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
+  """Why `impl` cannot run this call, or None when it can. See `SUPPORTS`.
+
+  Args:
+    impl: one of `IMPLS` other than "auto".
+    q, k, v, mask, q_offset: as for `attention` (only shapes and dtypes are read).
+  """
+  if impl == "xla":
+    return None
+  if impl in ("pallas", "splash"):
+    return f"impl={impl!r} is not built yet ({_KERNELS_PENDING})"
+  if impl != "cudnn":
+    raise ValueError(f"attention: impl must be one of {IMPLS[1:]}, got {impl!r}")
+  if not isinstance(mask, (masks_lib.Full, masks_lib.Causal)):
+    return (
+      f"mask {mask!r} needs a dense bias in cuDNN (no tile skipping); cudnn supports full and "
+      "causal masks only"
+    )
+  if isinstance(mask, masks_lib.Causal):
+    offset = _static_offset(q_offset)
+    if offset != 0 or q.shape[1] != k.shape[1]:
+      return (
+        f"causal in cuDNN needs aligned queries and keys (Lq == Lk and q_offset == 0), got "
+        f"Lq={q.shape[1]}, Lk={k.shape[1]}, q_offset={q_offset!r}"
+      )
+  dtypes = {q.dtype, k.dtype, v.dtype}
+  if len(dtypes) != 1 or q.dtype not in _CUDNN_DTYPES:
+    return f"cuDNN needs bf16 or fp16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+  d = q.shape[-1]
+  if d % 8 or d > _CUDNN_MAX_HEAD_DIM or v.shape[-1] != d:
+    return (
+      f"cuDNN needs a head dim that is a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, the same for "
+      f"q and v; got q {d}, v {v.shape[-1]}"
+    )
+  # Checked last, so that on CPU the reasons above still show up in errors and tests.
+  if jax.default_backend() != "gpu":
+    return f"cuDNN needs a GPU backend; the default backend is {jax.default_backend()!r}"
+  return None
+
+
+def choose_impl(q, k, v, *, mask, q_offset=0) -> str:
+  """The implementation `impl="auto"` runs for this call on the current default backend."""
+  if jax.default_backend() == "gpu":
+    if unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset) is None:
+      return "cudnn"
+  # TODO(issue 4): pallas (GPU) / splash (TPU) for segment masks once arvision/kernels lands.
+  return "xla"
+
+
+def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=None, q_offset=0):
+  """Multi-head (and grouped-query) attention with a structured mask.
+
+  Args:
+    q: `[B, Lq, H, D]` queries.
+    k: `[B, Lk, Hkv, D]` keys; `Hkv` divides `H`.
+    v: `[B, Lk, Hkv, Dv]` values.
+    mask: a spec from `arvision.ops.masks` (hashable: pass it as a static argument under jit).
+    impl: one of "auto", "xla", "cudnn", "pallas", "splash" (see the module docstring).
+    scale: logit scale; None means `1 / sqrt(D)`.
+    q_offset: position of the first query in the full sequence (cached decoding: queries are
+      positions `q_offset .. q_offset + Lq - 1`, keys are positions `0 .. Lk - 1`). An int, or a
+      traced int scalar for the xla path.
+
+  Returns:
+    `[B, Lq, H, Dv]` in q's dtype. Queries that see no key (e.g. padding) give zeros.
+
+  Raises:
+    ValueError: bad shapes or dtypes, or an explicit `impl` that does not support this call.
+    NotImplementedError: impl "pallas" / "splash" (issue 4).
+  """
+  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  _check_inputs(q, k, v, mask, scale)
+  offset = _static_offset(q_offset)
+  if scale is None:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+  if impl == "auto":
+    impl = choose_impl(q, k, v, mask=mask, q_offset=q_offset)
+  if impl == "xla":
+    return _xla_attention(q, k, v, mask, scale, q_offset if offset is None else offset)
+  if impl in ("pallas", "splash"):
+    raise NotImplementedError(f"attention: impl={impl!r} is not built yet: {_KERNELS_PENDING}")
+  if impl == "cudnn":
+    reason = unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset)
+    if reason is not None:
+      raise ValueError(
+        f"attention: impl='cudnn' does not support this call: {reason}. "
+        f"impl='xla' supports every mask; 'auto' picks a supported impl."
+      )
+    return jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=isinstance(mask, masks_lib.Causal), implementation="cudnn"
+    ).astype(q.dtype)
+  raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _xla_attention(q, k, v, mask, scale, q_offset):
+  """Dense reference: float32 logits and softmax, the spec's boolean mask, GQA without repeats."""
+  b, lq, h, d = q.shape
+  _, lk, hkv, dv = v.shape
+  g = h // hkv
+  # float32 inputs are multiplied at full precision (TPUs default to bf16 passes).
+  hi = jax.lax.Precision.HIGHEST if jnp.float32 in (q.dtype, k.dtype) else None
+  q_BxQxKxGxD = q.reshape(b, lq, hkv, g, d)
+  logits = jnp.einsum(
+    "bqhgd,bkhd->bhgqk", q_BxQxKxGxD, k, precision=hi, preferred_element_type=jnp.float32
+  )
+  logits = logits * jnp.float32(scale)
+  allowed_QxK = jnp.asarray(mask.dense(lq, lk, q_offset))
+  # Masked logits become -inf *before* exp (not a where after it): exp never sees a large masked
+  # logit, so neither the forward nor the gradient can produce inf * 0 = NaN.
+  masked = jnp.where(allowed_QxK, logits, -jnp.inf)
+  row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+  # A row with no visible key has max -inf; shift by 0 so it yields zeros, not NaN.
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  probs = jnp.exp(masked - row_max)
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = probs / jnp.where(denom > 0, denom, 1.0)
+  # Probabilities meet v in v's dtype with float32 accumulation, like torch's and jax's references.
+  hv = jax.lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
+  out = jnp.einsum(
+    "bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, precision=hv, preferred_element_type=jnp.float32
+  )
+  return out.reshape(b, lq, h, dv).astype(q.dtype)
