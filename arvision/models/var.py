@@ -1,0 +1,552 @@
+"""VAR: visual autoregressive modeling by next-scale prediction (Tian et al., 2024).
+
+A port of the official `models/var.py` (FoundationVision/VAR): the same parameters, init and
+forward. Training predicts all scales at once under a block-causal mask (a token of scale k sees
+scales <= k); sampling runs the scales one by one with a preallocated KV cache inside ONE jitted
+function (static shapes, the ~10-scale loop unrolled).
+
+Parameter names (flax) -> official keys: `word_embed`, `class_emb` (`embedding` = weight),
+`pos_start`, `pos_1LC`, `lvl_embed`, `blocks_{i}/{attn/{mat_qkv,q_bias,v_bias,scale_mul,proj},
+ffn/{fc1,fc2},ada_lin|ada_gss}`, `shared_ada_lin`, `head_nm/ada_lin`, `head`. Dense kernels are
+the transposed torch weights; `scale_mul` is `scale_mul_1H11` flattened to `[H]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from arvision.family import Family
+from arvision.models.layers import (
+  AdaLNBeforeHead,
+  AdaLNSelfAttn,
+  drop_path_rates,
+  scaled_init,
+  trunc_normal_init,
+)
+from arvision.ops import masks
+from arvision.sampling.kv_cache import init_kv_caches
+from arvision.sampling.topk import cfg_mix, filter_top_k_top_p, gumbel_softmax
+
+
+def scale_bounds(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
+  """`[(begin, end), ...]` of each scale's tokens in the flattened sequence."""
+  out, cur = [], 0
+  for pn in patch_nums:
+    out.append((cur, cur + pn * pn))
+    cur += pn * pn
+  return out
+
+
+class VAR(nn.Module):
+  """The VAR transformer (official `VAR`), pure linen.
+
+  Attributes:
+    depth: number of blocks.
+    width: C (official: 64 * depth).
+    num_heads: H (official: depth).
+    vocab_size: V of the tokenizer.
+    cvae: tokenizer latent channels (teacher input width).
+    num_classes: classes; index `num_classes` is the null (CFG) class.
+    patch_nums: side of each scale's token grid.
+    mlp_ratio: FFN hidden ratio.
+    drop_path_rate: max stochastic-depth rate (linear over blocks).
+    cond_drop_rate: probability of replacing the label with the null class in training.
+    attn_l2_norm: L2-normalised attention (official default True).
+    shared_aln: one shared AdaLN linear + per-block `ada_gss` (d36-s).
+    aln, alng: AdaLN init multipliers (`init_adaln`, `init_adaln_gamma`).
+    init_head: head weight multiplier.
+    init_std: Dense/Embed init std; <= 0 means sqrt(1 / (3C)) as the official default.
+    norm_eps: LayerNorm epsilon.
+    attn_impl: implementation for `arvision.ops.attention`.
+  """
+
+  depth: int
+  width: int
+  num_heads: int
+  vocab_size: int
+  cvae: int
+  num_classes: int
+  patch_nums: tuple[int, ...]
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  cond_drop_rate: float = 0.1
+  attn_l2_norm: bool = True
+  shared_aln: bool = False
+  aln: float = 0.5
+  alng: float = 1e-5
+  init_head: float = 0.02
+  init_std: float = -1.0
+  norm_eps: float = 1e-6
+  attn_impl: str = "auto"
+
+  @property
+  def lengths(self) -> tuple[int, ...]:
+    return tuple(pn * pn for pn in self.patch_nums)
+
+  @property
+  def seq_len(self) -> int:
+    return sum(self.lengths)
+
+  def setup(self):
+    C = self.width
+    auto_std = math.sqrt(1.0 / (3 * C))
+    std = self.init_std if self.init_std > 0 else auto_std
+    tn = trunc_normal_init(std)
+    zeros = nn.initializers.zeros
+    first_l = self.lengths[0]
+    self.word_embed = nn.Dense(C, kernel_init=tn, bias_init=zeros)
+    self.class_emb = nn.Embed(self.num_classes + 1, C, embedding_init=tn)
+    # pos_* are initialised in the official constructor with the automatic std, never re-inited.
+    self.pos_start = self.param("pos_start", trunc_normal_init(auto_std), (1, first_l, C))
+    self.pos_1LC = self.param("pos_1LC", trunc_normal_init(auto_std), (1, self.seq_len, C))
+    self.lvl_embed = nn.Embed(len(self.patch_nums), C, embedding_init=tn)
+    if self.shared_aln:
+      self.shared_ada_lin = nn.Dense(6 * C, kernel_init=tn, bias_init=zeros)
+    dpr = drop_path_rates(self.drop_path_rate, self.depth)
+    self.blocks = [
+      AdaLNSelfAttn(
+        num_heads=self.num_heads,
+        mlp_ratio=self.mlp_ratio,
+        drop_path_rate=dpr[i],
+        attn_l2_norm=self.attn_l2_norm,
+        shared_aln=self.shared_aln,
+        depth=self.depth,
+        init_std=std,
+        aln=self.aln,
+        alng=self.alng,
+        norm_eps=self.norm_eps,
+        attn_impl=self.attn_impl,
+      )
+      for i in range(self.depth)
+    ]
+    self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
+    self.head = nn.Dense(
+      self.vocab_size, kernel_init=scaled_init(tn, self.init_head), bias_init=zeros
+    )
+
+  # --- pieces shared by training and cached decoding -------------------------------------------
+
+  def _lvl_pos(self) -> jax.Array:
+    """`lvl_embed(lvl_1L) + pos_1LC`, `[1, L, C]`."""
+    lvl_1L = np.concatenate([np.full((n,), i, np.int32) for i, n in enumerate(self.lengths)])
+    return self.lvl_embed(jnp.asarray(lvl_1L))[None] + self.pos_1LC
+
+  def _block_cond(self, cond_BxD: jax.Array) -> jax.Array:
+    if self.shared_aln:
+      return self.shared_ada_lin(nn.silu(cond_BxD)).reshape(-1, 1, 6, self.width)
+    return cond_BxD
+
+  def _logits(self, x_BxLxC: jax.Array, cond_BxD: jax.Array) -> jax.Array:
+    # fp32 island, as the official `get_logits` (`.float()`).
+    x = self.head_nm(x_BxLxC.astype(jnp.float32), cond_BxD.astype(jnp.float32))
+    return self.head(x).astype(jnp.float32)
+
+  # --- training forward ------------------------------------------------------------------------
+
+  def __call__(self, label_B: jax.Array, x_BxLm1xCvae: jax.Array, *, train: bool = False):
+    """Teacher-forced logits for all scales.
+
+    Args:
+      label_B: int class labels in [0, num_classes] (num_classes = null class).
+      x_BxLm1xCvae: teacher input (`idx_to_var_input`), `[B, L - first_l, Cvae]`.
+      train: enables cond drop (label -> null with `cond_drop_rate`) and drop path; needs a
+        'dropout' rng.
+
+    Returns:
+      float32 logits `[B, L, V]`.
+    """
+    B = label_B.shape[0]
+    L, first_l = self.seq_len, self.lengths[0]
+    if x_BxLm1xCvae.shape[1:] != (L - first_l, self.cvae):
+      raise ValueError(
+        f"teacher input shape {x_BxLm1xCvae.shape} != [B, {L - first_l}, {self.cvae}] for "
+        f"patch_nums={self.patch_nums}"
+      )
+    if train and self.cond_drop_rate > 0:
+      drop = jax.random.uniform(self.make_rng("dropout"), (B,)) < self.cond_drop_rate
+      label_B = jnp.where(drop, self.num_classes, label_B)
+    cond_BxD = self.class_emb(label_B)
+    sos = cond_BxD[:, None, :] + self.pos_start
+    sos = jnp.broadcast_to(sos, (B, first_l, self.width))
+    x = jnp.concatenate([sos, self.word_embed(x_BxLm1xCvae.astype(jnp.float32))], axis=1)
+    x = x + self._lvl_pos()
+
+    cond = self._block_cond(cond_BxD)
+    mask = masks.scale_causal(self.lengths)
+    for block in self.blocks:
+      x, _ = block(x, cond, mask=mask, deterministic=not train)
+    return self._logits(x, cond_BxD)
+
+  # --- cached decoding (called through `apply(..., method=...)`) --------------------------------
+
+  def first_tokens(self, label_B: jax.Array):
+    """The first scale's input and the condition: `(x [B, first_l, C], cond [B, D])`."""
+    cond_BxD = self.class_emb(label_B)
+    first_l = self.lengths[0]
+    x = cond_BxD[:, None, :] + self.pos_start + self._lvl_pos()[:, :first_l]
+    return x, cond_BxD
+
+  def embed_next(self, next_BxlxCvae: jax.Array, si: int) -> jax.Array:
+    """Input tokens of scale `si`: `word_embed(next) + lvl_pos[scale si]`."""
+    b, e = scale_bounds(self.patch_nums)[si]
+    return self.word_embed(next_BxlxCvae.astype(jnp.float32)) + self._lvl_pos()[:, b:e]
+
+  def step(self, x_BxlxC: jax.Array, cond_BxD: jax.Array, caches: list, si: int):
+    """Runs scale `si` through all blocks with KV caches; returns `(logits [B, l, V], caches)`."""
+    b, e = scale_bounds(self.patch_nums)[si]
+    if x_BxlxC.shape[1] != e - b:
+      raise ValueError(f"scale {si} expects {e - b} tokens, got {x_BxlxC.shape[1]}")
+    cond = self._block_cond(cond_BxD)
+    new_caches = []
+    # Queries of scale si see every cached token (scales <= si): a full mask on the prefix.
+    mask = masks.full()
+    x = x_BxlxC
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x, cache = block(x, cond, mask=mask, deterministic=True, cache=cache, cache_index=b)
+      new_caches.append(cache)
+    return self._logits(x, cond_BxD), new_caches
+
+
+# ------------------------------------------------------------------------------------------------
+# Family
+
+
+def _model_field(cfg, name, default):
+  return cfg[name] if name in cfg else default
+
+
+class VARFamily(Family):
+  """VAR as a Family: trains on a frozen multi-scale VQ tokenizer (`params["tokenizer"]`).
+
+  The tokenizer family must provide `encode_idx`, `idx_to_var_input`, `next_input`, `codebook`,
+  `decode_fhat` and `config.model.{patch_nums, vocab_size, embed_dim or z_channels}`.
+  """
+
+  kind = "generator"
+  frozen_keys = ("tokenizer",)
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config)
+    if tokenizer is None:
+      raise ValueError("the var family needs a tokenizer family (build(config, tokenizer=...))")
+    for meth in ("encode_idx", "idx_to_var_input", "next_input", "codebook", "decode_fhat"):
+      if not hasattr(tokenizer, meth):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} lacks {meth!r}, needed by var")
+    self.tokenizer = tokenizer
+    m = config.model
+    tm = tokenizer.config.model
+    depth = int(m.depth)
+    if depth <= 0:
+      raise ValueError(f"model.depth={depth} must be a positive int")
+    width = int(_model_field(m, "width", 0)) or 64 * depth
+    heads = int(_model_field(m, "num_heads", 0)) or depth
+    if width % heads:
+      raise ValueError(f"model.width={width} is not divisible by model.num_heads={heads}")
+    dpr = float(_model_field(m, "drop_path_rate", -1.0))
+    if dpr < 0:
+      dpr = 0.1 * depth / 24
+    self.patch_nums = tuple(int(p) for p in tm.patch_nums)
+    self.num_classes = int(config.data.num_classes)
+    self.label_smoothing = float(_model_field(m, "label_smoothing", 0.0))
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
+    self.module = VAR(
+      depth=depth,
+      width=width,
+      num_heads=heads,
+      vocab_size=int(tm.vocab_size),
+      # The codebook / f_hat width: `embed_dim` where the tokenizer has one (= z_channels in VAR).
+      cvae=int(tm.embed_dim) if "embed_dim" in tm else int(tm.z_channels),
+      num_classes=self.num_classes,
+      patch_nums=self.patch_nums,
+      mlp_ratio=float(_model_field(m, "mlp_ratio", 4.0)),
+      drop_path_rate=dpr,
+      cond_drop_rate=float(_model_field(m, "cond_drop_rate", 0.1)),
+      attn_l2_norm=bool(_model_field(m, "attn_l2_norm", True)),
+      shared_aln=bool(_model_field(m, "shared_aln", False)),
+      aln=float(_model_field(m, "aln", 0.5)),
+      alng=float(_model_field(m, "alng", 1e-5)),
+      init_head=float(_model_field(m, "init_head", 0.02)),
+      init_std=float(_model_field(m, "init_std", -1.0)),
+      norm_eps=float(_model_field(m, "norm_eps", 1e-6)),
+      attn_impl=str(_model_field(m, "attn_impl", "auto")),
+    )
+    self.lengths = self.module.lengths
+    self.seq_len = self.module.seq_len
+    self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
+    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("more_smooth", "return_logits"))
+
+  # --- params ------------------------------------------------------------------------------------
+
+  def _var_vars(self, params) -> dict:
+    return {"params": {k: v for k, v in params.items() if k not in self.frozen_keys}}
+
+  def abstract_params(self):
+    """Param shapes (`jax.eval_shape`, nothing allocated)."""
+    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
+
+  def init(self, rng: jax.Array, batch) -> dict:
+    """The VAR params only (the loop adds `params["tokenizer"]`). `batch` is not needed."""
+    del batch
+    label = jnp.zeros((1,), jnp.int32)
+    teacher = jnp.zeros((1, self.seq_len - self.lengths[0], self.module.cvae), jnp.float32)
+    return dict(self.module.init({"params": rng}, label, teacher, train=False)["params"])
+
+  # --- training ----------------------------------------------------------------------------------
+
+  def apply(self, params, label_B, teacher_BxLm1xCvae, rng=None, train: bool = False):
+    """Teacher-forced logits `[B, L, V]` (float32)."""
+    rngs = {"dropout": rng} if train else {}
+    if train and rng is None:
+      raise ValueError("VARFamily.apply(train=True) needs an rng")
+    return self.module.apply(
+      self._var_vars(params), label_B, teacher_BxLm1xCvae, train=train, rngs=rngs
+    )
+
+  def targets(self, params, batch) -> list[jax.Array]:
+    """Per-scale ground-truth indices `[B, pn*pn]` from `batch["image"]` (or `batch["tokens"]`)."""
+    if "tokens" in batch:
+      tokens = jnp.asarray(batch["tokens"])
+      if (
+        tokens.ndim != 2
+        or tokens.shape[1] != self.seq_len
+        or not jnp.issubdtype(tokens.dtype, jnp.integer)
+      ):
+        raise ValueError(
+          f"batch['tokens'] must be int [B, {self.seq_len}] (all scales concatenated), got "
+          f"{tokens.dtype} {tokens.shape}"
+        )
+      return [tokens[:, b:e] for b, e in scale_bounds(self.patch_nums)]
+    if "image" not in batch:
+      raise ValueError(f"var batch needs 'image' or 'tokens'; got keys {sorted(batch)}")
+    idx = self.tokenizer.encode_idx(params["tokenizer"], batch["image"])
+    return [jax.lax.stop_gradient(i).astype(jnp.int32) for i in idx]
+
+  def loss(self, params, batch, rng, train: bool):
+    """Per-token CE, uniform 1/L weights summed over tokens, averaged over the batch.
+
+    Metrics: `loss` (the objective, with label smoothing), `ce` (plain CE), `acc`, and per scale
+    `loss_s{k}` (plain CE) and `acc_s{k}`.
+    """
+    idx_list = self.targets(params, batch)
+    teacher = self.tokenizer.idx_to_var_input(params["tokenizer"], idx_list)
+    teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    label = jnp.asarray(batch["label"]).astype(jnp.int32)
+    logits_BxLxV = self.apply(params, label, teacher, rng=rng, train=train)
+    gt_BxL = jnp.concatenate(idx_list, axis=1)
+    V = logits_BxLxV.shape[-1]
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, gt_BxL)
+    if self.label_smoothing > 0:
+      # torch CrossEntropyLoss(label_smoothing): target = (1 - ls) * onehot + ls / V.
+      smooth = optax.smooth_labels(jax.nn.one_hot(gt_BxL, V), self.label_smoothing)
+      obj_BxL = optax.softmax_cross_entropy(logits_BxLxV, smooth)
+    else:
+      obj_BxL = ce_BxL
+    loss = jnp.mean(jnp.sum(obj_BxL / self.seq_len, axis=1))
+    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == gt_BxL).astype(jnp.float32)
+    metrics = {"loss": loss, "ce": jnp.mean(ce_BxL), "acc": jnp.mean(correct_BxL)}
+    for k, (b, e) in enumerate(scale_bounds(self.patch_nums)):
+      metrics[f"loss_s{k}"] = jnp.mean(ce_BxL[:, b:e])
+      metrics[f"acc_s{k}"] = jnp.mean(correct_BxL[:, b:e])
+    return loss, metrics
+
+  # --- sampling ----------------------------------------------------------------------------------
+
+  def _sample_impl(
+    self,
+    params,
+    labels,
+    rng,
+    cfg,
+    top_k,
+    top_p,
+    known_idx,
+    known_mask,
+    *,
+    more_smooth: bool,
+    return_logits: bool,
+  ):
+    # Runs only while tracing: counts compilations of the sampler.
+    self.trace_count += 1
+    tok, tok_p = self.tokenizer, params["tokenizer"]
+    var_vars = self._var_vars(params)
+    mod = self.module
+    B = labels.shape[0]
+    n = len(self.patch_nums)
+    Cvae = mod.cvae
+    labels = labels.astype(jnp.int32)
+    labels_2B = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
+    x, cond_2BxD = mod.apply(var_vars, labels_2B, method=VAR.first_tokens)
+    caches = init_kv_caches(
+      mod.depth, 2 * B, self.seq_len, mod.num_heads, mod.width // mod.num_heads, x.dtype
+    )
+    codebook_VxC = tok.codebook(tok_p).astype(jnp.float32)
+    P = self.patch_nums[-1]
+    f_hat = jnp.zeros((B, P, P, Cvae), jnp.float32)
+    idx_out, logits_out = [], []
+    for si, pn in enumerate(self.patch_nums):
+      ratio = si / (n - 1) if n > 1 else 0.0
+      logits_2Bxlxv, caches = mod.apply(var_vars, x, cond_2BxD, caches, si, method=VAR.step)
+      # CFG weight grows linearly over scales: the first scale is sampled unguided.
+      logits = cfg_mix(logits_2Bxlxv[:B], logits_2Bxlxv[B:], cfg * ratio)
+      rng, k_idx, k_gumbel = jax.random.split(rng, 3)
+      filtered = filter_top_k_top_p(logits, top_k, top_p)
+      idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
+      if known_idx is not None:
+        idx_Bl = jnp.where(known_mask[si], known_idx[si].astype(jnp.int32), idx_Bl)
+      if more_smooth:
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        h_BlC = gumbel_softmax(k_gumbel, filtered * (1 + ratio), tau) @ codebook_VxC
+        if known_idx is not None:
+          h_BlC = jnp.where(known_mask[si][..., None], codebook_VxC[idx_Bl], h_BlC)
+      else:
+        h_BlC = codebook_VxC[idx_Bl]
+      idx_out.append(idx_Bl)
+      if return_logits:
+        logits_out.append(logits)
+      f_hat, nxt = tok.next_input(tok_p, si, f_hat, h_BlC.reshape(B, pn, pn, Cvae))
+      if si != n - 1:
+        x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
+        x = jnp.concatenate([x, x], axis=0)
+    img = tok.decode_fhat(tok_p, f_hat).astype(jnp.float32)
+    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    return img_u8, idx_out, (logits_out if return_logits else None)
+
+  def _check_known(self, labels, known_idx, known_mask):
+    if (known_idx is None) != (known_mask is None):
+      raise ValueError("known_idx and known_mask must be given together (or neither)")
+    if known_idx is None:
+      return None, None
+    B = labels.shape[0]
+    if len(known_idx) != len(self.patch_nums) or len(known_mask) != len(self.patch_nums):
+      raise ValueError(
+        f"known_idx/known_mask need one entry per scale ({len(self.patch_nums)}); got "
+        f"{len(known_idx)} / {len(known_mask)}"
+      )
+    ki, km = [], []
+    for si, (n, i, m) in enumerate(zip(self.lengths, known_idx, known_mask, strict=True)):
+      i, m = jnp.asarray(i), jnp.asarray(m)
+      if i.shape != (B, n) or m.shape != (B, n):
+        raise ValueError(
+          f"known_idx[{si}] / known_mask[{si}] must be [B={B}, {n}]; got {i.shape} / {m.shape}"
+        )
+      ki.append(i.astype(jnp.int32))
+      km.append(m.astype(bool))
+    return ki, km
+
+  def sample_tokens(
+    self,
+    params,
+    labels,
+    rng,
+    *,
+    cfg=1.5,
+    top_k=900,
+    top_p=0.96,
+    more_smooth=False,
+    known_idx=None,
+    known_mask=None,
+    return_logits=False,
+  ):
+    """Samples images and returns the per-scale tokens too.
+
+    Args:
+      params: VAR params plus `params["tokenizer"]`.
+      labels: int `[B]` class labels (`num_classes` = unconditional).
+      rng: a jax PRNG key; the result is a deterministic function of it.
+      cfg: guidance; scale si uses t = cfg * si / (num_scales - 1).
+      top_k: keep the k largest logits (0 = off).
+      top_p: nucleus threshold (official rule; 0 = off).
+      more_smooth: Gumbel-softmax soft embeddings (visualisation only, as official).
+      known_idx, known_mask: optional per-scale `[B, pn*pn]` tokens and bool masks; masked
+        positions are teacher-forced at every scale (zero-shot inpainting/outpainting/editing).
+      return_logits: also return the guided logits `[B, pn*pn, V]` per scale (before filtering).
+
+    Returns:
+      `(images uint8 [B, H, W, C], idx list of int32 [B, pn*pn], logits list or None)`.
+    """
+    labels = jnp.asarray(labels)
+    if labels.ndim != 1:
+      raise ValueError(f"labels must be int [B], got shape {labels.shape}")
+    known_idx, known_mask = self._check_known(labels, known_idx, known_mask)
+    return self._sample_jit(
+      params,
+      labels,
+      rng,
+      jnp.float32(cfg),
+      jnp.int32(top_k),
+      jnp.float32(top_p),
+      known_idx,
+      known_mask,
+      more_smooth=bool(more_smooth),
+      return_logits=bool(return_logits),
+    )
+
+  def sample(
+    self,
+    params,
+    cond,
+    rng,
+    *,
+    cfg=1.5,
+    top_k=900,
+    top_p=0.96,
+    more_smooth=False,
+    known_idx=None,
+    known_mask=None,
+  ) -> jax.Array:
+    """uint8 NHWC images for int labels `cond [B]` (see `sample_tokens`)."""
+    images, _, _ = self.sample_tokens(
+      params,
+      cond,
+      rng,
+      cfg=cfg,
+      top_k=top_k,
+      top_p=top_p,
+      more_smooth=more_smooth,
+      known_idx=known_idx,
+      known_mask=known_mask,
+    )
+    return images
+
+
+def param_count(params: Any) -> int:
+  """Number of scalars in a (possibly abstract) param tree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def official_param_count(
+  depth: int,
+  vocab_size: int = 4096,
+  cvae: int = 32,
+  num_classes: int = 1000,
+  patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+  shared_aln: bool = False,
+) -> int:
+  """The official VAR's `sum(p.numel() for p in var.parameters())` from the architecture formula.
+
+  C = 64 * depth, H = depth. Buffers (`zero_k_bias`, `lvl_1L`, `attn_bias_for_masking`) are not
+  parameters and are not counted.
+  """
+  C, H = 64 * depth, depth
+  L = sum(p * p for p in patch_nums)
+  emb = (cvae * C + C) + (num_classes + 1) * C + C + L * C + len(patch_nums) * C
+  attn = 3 * C * C + 2 * C + H + (C * C + C)
+  ffn = (C * 4 * C + 4 * C) + (4 * C * C + C)
+  ada = 6 * C if shared_aln else (C * 6 * C + 6 * C)
+  shared = (C * 6 * C + 6 * C) if shared_aln else 0
+  head = (C * 2 * C + 2 * C) + (C * vocab_size + vocab_size)
+  return emb + depth * (attn + ffn + ada) + shared + head
+
+
+def build(config, tokenizer=None) -> VARFamily:
+  """Builds the VAR family from its config and the (frozen) tokenizer family."""
+  return VARFamily(config, tokenizer)
