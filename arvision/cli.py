@@ -3,6 +3,8 @@
     arvision train  --config configs/tokenizer.py:fmnist_msvq --workdir runs/tok [--config.total_steps=N]
     arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
+    arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
+    arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "sample")
+COMMANDS = ("train", "eval", "sample", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path/to/config.py[:variant]",
                                           lock_config=True)
@@ -25,6 +27,7 @@ _LABELS = flags.DEFINE_string("labels", "0", "sample: comma-separated class labe
 _PER_LABEL = flags.DEFINE_integer("per_label", 8, "sample: images per label (one row each)")
 _SEED = flags.DEFINE_integer("seed", 0, "sample/eval: rng seed")
 _SAMPLE_KW = flags.DEFINE_string("sample_kw", "", "sampling overrides, e.g. cfg=1.5,top_k=900")
+_VAE = flags.DEFINE_string("vae", None, "convert var: the converted VAE dir or the official .pth")
 
 
 def _parse_kw(text: str) -> dict:
@@ -82,8 +85,24 @@ def _sample():
   print(f"wrote {out}")
 
 
+def _convert(argv):
+  import importlib
+
+  from arvision.convert import CONVERTERS
+
+  if len(argv) != 3 or argv[1] not in CONVERTERS:
+    raise app.UsageError(f"usage: arvision convert {{{'|'.join(CONVERTERS)}}} PATH --out DIR")
+  module, fn = CONVERTERS[argv[1]].split(":")
+  kw = {"vae": _require(_VAE, "vae")} if argv[1] == "var" else {}
+  out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
+  print(f"wrote {out}; load it with arvision.load({out!r})")
+
+
 def main(argv):
-  del argv
+  if _COMMAND == "convert":
+    return _convert(argv)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   {"train": _train, "eval": _eval, "sample": _sample}[_COMMAND]()
 
 

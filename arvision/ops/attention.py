@@ -6,11 +6,12 @@
   every spec, dtype and backend; every kernel is tested against it (forward and gradients).
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")`, only where the spec needs no
   dense bias (`full`, or `causal` with aligned queries and keys), in bf16/fp16 on a GPU.
-- `"pallas"`, `"splash"`: the scale-wise Pallas kernels (GPU) and splash attention with computable
-  masks (TPU). Not built yet: arvision/kernels (issue 4) adds them behind this same call.
-- `"auto"`: CPU -> xla; GPU -> cudnn where supported, else xla; TPU -> xla. Once the kernels land
-  (issue 4), auto picks pallas/splash for segment masks (`scale_causal`, `block_diagonal`,
-  `chunk_causal`) so that a fast path never falls back to a dense L x L mask.
+- `"pallas"`: the block-sparse scale-wise Pallas kernel (`arvision.kernels.scalewise`): tile
+  skipping from the spec, Triton on GPU, Pallas interpret mode on CPU (correct, not fast).
+- `"splash"`: splash attention with a computable mask from the spec (TPU; interpret mode on CPU).
+- `"auto"`: CPU -> xla; GPU -> cudnn where supported, else pallas; TPU -> splash. A fast backend
+  never gets a dense L x L mask from auto; only a traced `q_offset` (cached decoding with a
+  dynamic position, whose mask is `[Lq, Lk]` with small Lq) falls back to xla there.
 
 Layouts are `[B, L, H, D]` (batch, sequence, heads, head dim). Grouped-query attention: with `Hkv`
 kv heads, query head `h` uses kv head `h // (H // Hkv)` (PyTorch `repeat_interleave` order).
@@ -28,7 +29,6 @@ from arvision.ops import masks as masks_lib
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
 
-_KERNELS_PENDING = "Pallas scale-wise kernels: see arvision/kernels (issue 4)"
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Hopper's limit; older GPUs allow 128 and jax raises its own error there.
 _CUDNN_MAX_HEAD_DIM = 256
@@ -39,8 +39,11 @@ SUPPORTS = {
     "masks full, and causal with Lq == Lk and q_offset == 0; bf16/fp16 q, k, v of one dtype; "
     f"head dim a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, equal for q and v; GPU backend"
   ),
-  "pallas": f"not built yet ({_KERNELS_PENDING})",
-  "splash": f"not built yet ({_KERNELS_PENDING})",
+  "pallas": (
+    "every mask spec; static int q_offset; float dtypes; GPU (Triton; head dim <= 256) or CPU "
+    "(interpret mode)"
+  ),
+  "splash": "every mask spec; static int q_offset; float dtypes; TPU or CPU (interpret mode)",
 }
 
 
@@ -95,7 +98,7 @@ def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
   if impl == "xla":
     return None
   if impl in ("pallas", "splash"):
-    return f"impl={impl!r} is not built yet ({_KERNELS_PENDING})"
+    return _kernel_unsupported_reason(impl, q, q_offset)
   if impl != "cudnn":
     raise ValueError(f"attention: impl must be one of {IMPLS[1:]}, got {impl!r}")
   if not isinstance(mask, (masks_lib.Full, masks_lib.Causal)):
@@ -125,12 +128,31 @@ def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
   return None
 
 
+def _kernel_unsupported_reason(impl, q, q_offset) -> str | None:
+  if _static_offset(q_offset) is None:
+    return f"impl={impl!r} needs a static int q_offset (its tile tables are built on the host)"
+  backend = jax.default_backend()
+  if impl == "pallas":
+    if backend not in ("gpu", "cpu"):
+      return f"pallas (Triton) runs on GPU, or on CPU in interpret mode; backend is {backend!r}"
+    if backend == "gpu" and q.shape[-1] > _CUDNN_MAX_HEAD_DIM:
+      return f"pallas on GPU needs a head dim <= {_CUDNN_MAX_HEAD_DIM}, got {q.shape[-1]}"
+  elif backend not in ("tpu", "cpu"):
+    return f"splash runs on TPU, or on CPU in interpret mode; backend is {backend!r}"
+  return None
+
+
 def choose_impl(q, k, v, *, mask, q_offset=0) -> str:
   """The implementation `impl="auto"` runs for this call on the current default backend."""
-  if jax.default_backend() == "gpu":
+  backend = jax.default_backend()
+  if backend == "gpu":
     if unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset) is None:
       return "cudnn"
-  # TODO(issue 4): pallas (GPU) / splash (TPU) for segment masks once arvision/kernels lands.
+    if unsupported_reason("pallas", q, k, v, mask=mask, q_offset=q_offset) is None:
+      return "pallas"
+  if backend == "tpu":
+    if unsupported_reason("splash", q, k, v, mask=mask, q_offset=q_offset) is None:
+      return "splash"
   return "xla"
 
 
@@ -153,7 +175,6 @@ def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=No
 
   Raises:
     ValueError: bad shapes or dtypes, or an explicit `impl` that does not support this call.
-    NotImplementedError: impl "pallas" / "splash" (issue 4).
   """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   _check_inputs(q, k, v, mask, scale)
@@ -165,7 +186,20 @@ def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=No
   if impl == "xla":
     return _xla_attention(q, k, v, mask, scale, q_offset if offset is None else offset)
   if impl in ("pallas", "splash"):
-    raise NotImplementedError(f"attention: impl={impl!r} is not built yet: {_KERNELS_PENDING}")
+    reason = unsupported_reason(impl, q, k, v, mask=mask, q_offset=q_offset)
+    if reason is not None:
+      raise ValueError(
+        f"attention: impl={impl!r} does not support this call: {reason}. impl='xla' supports "
+        "every call."
+      )
+    # Imported here: the kernels import this module's package (ops.masks, ops.attention).
+    if impl == "pallas":
+      from arvision.kernels.scalewise.kernel_gpu import scalewise_attention  # noqa: PLC0415
+
+      return scalewise_attention(q, k, v, mask=mask, scale=scale, q_offset=offset)
+    from arvision.kernels.scalewise.kernel_tpu import splash_scalewise_attention  # noqa: PLC0415
+
+    return splash_scalewise_attention(q, k, v, mask=mask, scale=scale, q_offset=offset)
   if impl == "cudnn":
     reason = unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset)
     if reason is not None:
