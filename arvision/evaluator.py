@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,7 @@ def generate(family, params, labels: np.ndarray, batch_size: int, seed: int = 0,
   pad = (-n) % batch_size
   padded = np.concatenate([labels, labels[:pad]]) if pad else labels
   for i in tqdm(range(0, len(padded), batch_size), desc="sampling", unit="batch",
-                disable=jax.process_index() != 0):
+                disable=jax.process_index() != 0, mininterval=0.5 if sys.stderr.isatty() else 30):
     imgs = sample(params, jnp.asarray(padded[i:i + batch_size]), jax.random.key(seed + i))
     out.append(np.asarray(jax.device_get(imgs)))
   return np.concatenate(out)[:n]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -218,7 +219,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   from tqdm import tqdm
 
   bar = tqdm(total=total, initial=start, desc=f"train {config.family}", unit="step",
-             disable=jax.process_index() != 0, dynamic_ncols=True)
+             disable=jax.process_index() != 0, dynamic_ncols=True,
+             mininterval=0.5 if sys.stderr.isatty() else 30)  # keep CI logs short
   eval_metrics = {}
   try:
     with _Preemption() as preempt:

@@ -41,7 +41,8 @@ def unwrap_state_dict(obj, what: str = "checkpoint") -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     if not hasattr(v, "shape"):
-      raise ValueError(f"{what}: entry {k!r} is not a tensor ({type(v).__name__})")
+      raise ValueError(f"{what}: not a state dict of tensors: entry {k!r} is a "
+                       f"{type(v).__name__} (wrappers understood: {CHECKPOINT_WRAPPERS})")
     out[k[len("module."):] if k.startswith("module.") else k] = _to_numpy(v)
   return out
 

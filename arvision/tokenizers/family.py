@@ -1,0 +1,291 @@
+"""The tokenizer Family: conv autoencoder + quantizer (`model.type`: msvq | vq | kl) + losses.
+
+```python
+tok = build(config)                      # config = configs/tokenizer.py:fmnist_msvq
+params = tok.init(rng, batch)            # {"ae": {...}} (+ "disc" when loss.gan_weight > 0)
+loss, metrics = tok.loss(params, batch, rng, train=True)
+recon, codes = tok.reconstruct(params, images)
+```
+
+Params layout: `params["ae"]` holds `encoder`, `decoder`, `quant_conv`, `post_quant_conv` and
+`quantize` (see `autoencoder.py` for the torch key mapping); `params["disc"]` the PatchGAN.
+
+Loss: `l1_weight*L1 + l2_weight*L2 + quant_weight*quantizer_loss` (VQ types) or
+`+ kl_weight*KL` (kl), plus `perceptual_weight*perceptual_fn(...)` and the GAN terms
+(`losses.gan_losses`) when on. The GAN starts at `loss.disc_start`; the step is read from
+`batch["step"]` (a scalar the train loop adds) and taken as 0 when absent.
+
+Generator-facing API (all take the tokenizer's params, all jit-able):
+- msvq (VAR): `encode_idx` -> list of int32 [B, pn*pn]; `idx_to_var_input`; `next_input`;
+  `decode_fhat`; `decode_idx`; `codebook`; attributes `patch_nums`, `vocab_size`, `embed_dim`.
+- vq (LlamaGen): `encode_idx` -> int32 [B, h*w]; `decode_idx`; `codebook`.
+- kl (MAR): `encode_latent(params, images, rng=None)` -> z * scale_factor [B, h, w, embed_dim]
+  (posterior sample with `rng`, mode without); `decode_latent(params, z)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from arvision.family import Family
+from arvision.tokenizers import losses as L
+from arvision.tokenizers import metrics as M
+from arvision.tokenizers import quantizers as Q
+from arvision.tokenizers.autoencoder import Autoencoder
+
+TYPES = ("msvq", "vq", "kl")
+
+
+def _get(cfg, name, default):
+  return cfg[name] if name in cfg else default
+
+
+class TokenizerFamily(Family):
+  """A tokenizer as a Family (kind "tokenizer"). See the module docstring for the API."""
+
+  kind = "tokenizer"
+  frozen_keys = ()
+
+  def __init__(self, config, perceptual_fn: L.PerceptualFn | None = None):
+    super().__init__(config)
+    m, lc = config.model, config.loss
+    self.type = str(m.type)
+    if self.type not in TYPES:
+      raise ValueError(f"model.type={self.type!r} is unknown; accepted: {TYPES}")
+    self.image_size = int(config.data.image_size)
+    self.channels = int(config.data.channels)
+    ch_mult = tuple(int(c) for c in m.ch_mult)
+    if not ch_mult:
+      raise ValueError("model.ch_mult must name at least one level")
+    self.downsample = 2 ** (len(ch_mult) - 1)
+    if self.image_size % self.downsample:
+      raise ValueError(
+        f"data.image_size={self.image_size} is not divisible by the downsample factor "
+        f"{self.downsample} of model.ch_mult={ch_mult}"
+      )
+    self.latent_size = self.image_size // self.downsample
+    self.embed_dim = int(m.embed_dim)
+    self.z_channels = int(m.z_channels)
+    self.vocab_size = int(_get(m, "vocab_size", 0)) if self.type != "kl" else 0
+    self.patch_nums = (
+      tuple(int(p) for p in _get(m, "patch_nums", ())) if self.type == "msvq" else ()
+    )
+    self.scale_factor = float(_get(m, "scale_factor", 1.0))
+    beta = float(_get(lc, "beta", 0.25))
+    eini = float(_get(m, "eini", -1.0))
+
+    if self.type == "msvq":
+      if self.z_channels != self.embed_dim:
+        # VAR's VQVAE has z_channels == Cvae, and the var family reads model.z_channels as Cvae.
+        raise ValueError(
+          f"model.type='msvq' needs model.z_channels == model.embed_dim (VAR's Cvae); got "
+          f"{self.z_channels} and {self.embed_dim}"
+        )
+      if not self.patch_nums or self.patch_nums[-1] != self.latent_size:
+        raise ValueError(
+          f"model.patch_nums={self.patch_nums} must end with the latent side {self.latent_size} "
+          f"(image_size {self.image_size} / downsample {self.downsample})"
+        )
+      if list(self.patch_nums) != sorted(self.patch_nums):
+        raise ValueError(f"model.patch_nums={self.patch_nums} must be increasing")
+      quantize = Q.MultiScaleVQ(
+        self.vocab_size,
+        self.embed_dim,
+        patch_nums=self.patch_nums,
+        beta=beta,
+        quant_resi=float(_get(m, "quant_resi", 0.5)),
+        share_quant_resi=int(_get(m, "share_quant_resi", 4)),
+        eini=eini,
+      )
+    elif self.type == "vq":
+      quantize = Q.VectorQuantizer(
+        self.vocab_size,
+        self.embed_dim,
+        beta=beta,
+        l2_norm=bool(_get(m, "l2_norm", False)),
+        eini=eini,
+      )
+    else:
+      quantize = Q.DiagonalGaussian()
+    if self.type != "kl" and self.vocab_size < 2:
+      raise ValueError(
+        f"model.vocab_size={self.vocab_size} must be >= 2 for model.type={self.type!r}"
+      )
+
+    self.module = Autoencoder(
+      quantize=quantize,
+      embed_dim=self.embed_dim,
+      in_channels=self.channels,
+      out_channels=self.channels,
+      ch=int(m.ch),
+      ch_mult=ch_mult,
+      num_res_blocks=int(m.num_res_blocks),
+      z_channels=self.z_channels,
+      using_sa=bool(m.using_sa),
+      enc_attn_resolutions=tuple(int(r) for r in _get(m, "enc_attn_resolutions", ())),
+      dec_attn_resolutions=tuple(int(r) for r in _get(m, "dec_attn_resolutions", ())),
+      mid_attn=bool(_get(m, "mid_attn", True)),
+      fused_qkv=bool(_get(m, "fused_qkv", True)),
+      dropout=float(_get(m, "dropout", 0.0)),
+      quant_conv_ks=int(_get(m, "quant_conv_ks", 3)),
+      kl=self.type == "kl",
+    )
+
+    self.l1_weight = float(_get(lc, "l1_weight", 1.0))
+    self.l2_weight = float(_get(lc, "l2_weight", 0.0))
+    self.quant_weight = float(_get(lc, "quant_weight", 1.0))
+    self.kl_weight = float(_get(lc, "kl_weight", 1e-6))
+    self.gan_weight = float(_get(lc, "gan_weight", 0.0))
+    self.disc_weight = float(_get(lc, "disc_weight", 1.0))
+    self.disc_start = int(_get(lc, "disc_start", 0))
+    self.perceptual_weight = float(_get(lc, "perceptual_weight", 0.0))
+    self.perceptual_fn = perceptual_fn
+    # Fail at build time, not at the first traced step.
+    if self.perceptual_weight > 0 and perceptual_fn is None:
+      L.perceptual_loss(None, self.perceptual_weight, None, None)
+    self.disc = (
+      L.NLayerDiscriminator(
+        ndf=int(_get(lc, "disc_ndf", 64)), n_layers=int(_get(lc, "disc_layers", 3))
+      )
+      if self.gan_weight > 0
+      else None
+    )
+
+  # --- params ------------------------------------------------------------------------------------
+
+  def _dummy(self, batch_size: int = 1) -> jax.Array:
+    return jnp.zeros((batch_size, self.image_size, self.image_size, self.channels), jnp.float32)
+
+  def init(self, rng: jax.Array, batch=None) -> dict:
+    """`{"ae": ..., "disc"?: ...}`. Only the image shape of `batch` matters (None: from the config)."""
+    x = self._dummy() if batch is None or "image" not in batch else jnp.asarray(batch["image"])[:1]
+    k_ae, k_disc, k_s = jax.random.split(rng, 3)
+    ae = self.module.init({"params": k_ae, "sample": k_s, "dropout": k_s}, x, train=False)["params"]
+    params = {"ae": ae}
+    if self.disc is not None:
+      params["disc"] = self.disc.init(k_disc, x)["params"]
+    return params
+
+  def abstract_params(self):
+    """Param shapes via `jax.eval_shape` (nothing allocated)."""
+    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
+
+  def _ae(self, params) -> dict:
+    return {"params": params["ae"]}
+
+  def _quantize(self, params, name: str, *args):
+    """Calls method `name` of the quantizer submodule with the tokenizer's params."""
+    return self.module.apply(
+      self._ae(params), *args, method=lambda mdl, *a: getattr(mdl.quantize, name)(*a)
+    )
+
+  # --- training ----------------------------------------------------------------------------------
+
+  def loss(self, params, batch, rng, train: bool):
+    x = jnp.asarray(batch["image"], jnp.float32)
+    k_drop, k_sample = jax.random.split(rng)
+    recon, aux = self.module.apply(
+      self._ae(params), x, train=train, rngs={"dropout": k_drop, "sample": k_sample}
+    )
+    rec, rec_m = L.reconstruction_loss(recon, x, self.l1_weight, self.l2_weight)
+    quant = aux["loss"] * (self.kl_weight if self.type == "kl" else self.quant_weight)
+    total = rec + quant
+    metrics: dict[str, Any] = dict(rec_loss=rec, quant_loss=quant, l1=rec_m["l1"], l2=rec_m["l2"])
+    perc = L.perceptual_loss(self.perceptual_fn, self.perceptual_weight, recon, x)
+    if perc is not None:
+      total = total + perc
+      metrics["perceptual_loss"] = perc
+    if self.disc is not None:
+      step = batch["step"] if "step" in batch else 0
+      gan, gan_m = L.gan_losses(
+        self.disc,
+        params["disc"],
+        x,
+        recon,
+        step,
+        self.disc_start,
+        self.gan_weight,
+        self.disc_weight,
+      )
+      total = total + gan
+      metrics.update(gan_m)
+    clipped = jax.lax.stop_gradient(jnp.clip(recon, -1.0, 1.0))
+    metrics["psnr"] = jnp.mean(M.psnr(x, clipped))
+    if self.type == "kl":
+      metrics["kl"] = aux["kl"]
+    else:
+      metrics["usage"] = aux["usage"]
+      metrics["perplexity"] = aux["perplexity"]
+    return total, metrics
+
+  def reconstruct(self, params, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(recon clipped to [-1, 1], codes int32 [B, N] or None for kl). msvq codes: all scales."""
+    recon, aux = self.module.apply(self._ae(params), jnp.asarray(images, jnp.float32), train=False)
+    return jnp.clip(recon, -1.0, 1.0), aux.get("codes")
+
+  # --- generator-facing API ----------------------------------------------------------------------
+
+  def _need(self, *types: str, what: str) -> None:
+    if self.type not in types:
+      raise ValueError(f"{what} needs model.type in {types}; this tokenizer is {self.type!r}")
+
+  def encode_f(self, params, images: jax.Array) -> jax.Array:
+    """Pre-quantization features (KL: moments) [B, h, w, C]."""
+    return self.module.apply(self._ae(params), jnp.asarray(images, jnp.float32), method="encode")
+
+  def encode_idx(self, params, images: jax.Array):
+    """msvq: list of int32 [B, pn*pn] per scale; vq: int32 [B, h*w] (row-major)."""
+    self._need("msvq", "vq", what="encode_idx")
+    return self._quantize(params, "f_to_idx", self.encode_f(params, images))
+
+  def idx_to_fhat(self, params, idx):
+    """Codes -> quantized features [B, h, w, C] (msvq: list per scale; vq: [B, h*w])."""
+    self._need("msvq", "vq", what="idx_to_fhat")
+    if self.type == "msvq":
+      return self._quantize(params, "idx_to_fhat", list(idx))
+    return self._quantize(params, "idx_to_f", idx)
+
+  def idx_to_var_input(self, params, idx_list) -> jax.Array:
+    """VAR teacher-forcing input float32 [B, L - pn_0^2, C]."""
+    self._need("msvq", what="idx_to_var_input")
+    return self._quantize(params, "idx_to_var_input", list(idx_list))
+
+  def next_input(self, params, si: int, f_hat: jax.Array, h_BxpnxpnxC: jax.Array):
+    """One VAR step: (f_hat, next scale's input [B, pn', pn', C] or None after the last scale)."""
+    self._need("msvq", what="next_input")
+    return self._quantize(params, "next_input", si, f_hat, h_BxpnxpnxC)
+
+  def codebook(self, params) -> jax.Array:
+    """[V, C] lookup table (l2-normalised for l2_norm VQ)."""
+    self._need("msvq", "vq", what="codebook")
+    return self._quantize(params, "codebook")
+
+  def decode_fhat(self, params, f_hat: jax.Array) -> jax.Array:
+    """Quantized features -> images clipped to [-1, 1]."""
+    return jnp.clip(self.module.apply(self._ae(params), f_hat, method="decode"), -1.0, 1.0)
+
+  def decode_idx(self, params, idx) -> jax.Array:
+    """Codes -> images in [-1, 1] (msvq: list per scale; vq: [B, h*w])."""
+    return self.decode_fhat(params, self.idx_to_fhat(params, idx))
+
+  def encode_latent(self, params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """KL: scale_factor * (posterior sample with `rng`, else its mean) [B, h, w, embed_dim]."""
+    self._need("kl", what="encode_latent")
+    mean, logvar = Q.gaussian_moments(self.encode_f(params, images))
+    z = mean if rng is None else Q.gaussian_sample(mean, logvar, rng)
+    return z * self.scale_factor
+
+  def decode_latent(self, params, z: jax.Array) -> jax.Array:
+    """KL: images in [-1, 1] from scaled latents (divides by scale_factor first)."""
+    self._need("kl", what="decode_latent")
+    return self.decode_fhat(params, z / self.scale_factor)
+
+
+def build(config, tokenizer: Family | None = None, perceptual_fn: L.PerceptualFn | None = None):
+  """Builds the tokenizer family. `perceptual_fn(x, y) -> scalar` is the optional perceptual net."""
+  if tokenizer is not None:
+    raise ValueError("the tokenizer family takes no tokenizer (config.family='tokenizer')")
+  return TokenizerFamily(config, perceptual_fn=perceptual_fn)
