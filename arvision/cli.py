@@ -109,6 +109,16 @@ def main(argv):
 _COMMAND = None
 
 
+class _QuietLibraries:
+  """Keeps Orbax/TFDS/grain INFO chatter out of the console; their warnings still show."""
+
+  def filter(self, record):
+    import logging as std_logging
+
+    noisy = ("orbax", "tensorflow_datasets", "grain", "etils")
+    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def run():
   global _COMMAND
   if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
@@ -116,6 +126,7 @@ def run():
     sys.exit(2)
   _COMMAND = sys.argv[1]
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main, argv=[f"arvision {_COMMAND}"] + sys.argv[2:])
 
 

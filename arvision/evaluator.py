@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from arvision import data, visualize
+from arvision import config_util, data, visualize
 
 
 def run(family, params, config, workdir: str, *, step: int, writer=None, out_dir: str | None = None,
@@ -170,26 +170,43 @@ def cache_dir() -> str:
   return os.environ.get("ARVISION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arvision"))
 
 
+PACKAGED_CLASSIFIER = os.path.join(os.path.dirname(__file__), "evaluation", "data",
+                                   "classifier_fmnist.npz")
+
+
+def config_sha(config) -> str:
+  return hashlib.sha1(config_util.to_json(config).encode()).hexdigest()[:12]
+
+
 def domain_classifier():
-  """The Fashion-MNIST domain classifier: trained by the one loop on first use, then cached."""
+  """The Fashion-MNIST domain classifier (`configs/classifier.py:fmnist`).
+
+  Uses the params shipped with the package (trained by the one loop with that config, see
+  `experiments/train_domain_classifier.py`) while the config is unchanged; otherwise trains it once
+  with the loop and caches it under `$ARVISION_CACHE` (default ~/.cache/arvision).
+  """
   from arvision import checkpoint as ckpt_lib
-  from arvision import config_util, families
+  from arvision import families
+  from arvision.convert.common import unflatten
   from arvision.train import train
 
   config = config_util.load_config_file(DOMAIN_CLASSIFIER)
-  key = hashlib.sha1(config_util.to_json(config).encode()).hexdigest()[:10]
-  workdir = os.path.join(cache_dir(), f"classifier_fmnist_{key}")
-  if not os.path.exists(os.path.join(workdir, "checkpoints")) or \
-     ckpt_lib.Checkpointer(workdir).latest_step() != config.total_steps:
+  family = families.build(config)
+  sha = config_sha(config)
+  if os.path.exists(PACKAGED_CLASSIFIER):
+    with np.load(PACKAGED_CLASSIFIER) as f:
+      if str(f["__config_sha__"]) == sha:
+        return family, unflatten({k: f[k] for k in f.files if k != "__config_sha__"}), config
+  workdir = os.path.join(cache_dir(), f"classifier_fmnist_{sha}")
+  if ckpt_lib.Checkpointer(workdir).latest_step() != config.total_steps:
     logging.info("training the Fashion-MNIST domain classifier once into %s", workdir)
     train(config, workdir)
   loaded = ckpt_lib.load_params(workdir)
-  return families.build(config), loaded.get("ema", loaded["params"]), config
+  return family, loaded.get("ema", loaded["params"]), config
 
 
 @functools.lru_cache(maxsize=2)
 def _domain_metrics_cached(data_json: str):
-  from arvision import config_util
   from arvision.evaluation.domain import DomainMetrics
 
   data_config = config_util.from_json(data_json)
@@ -202,6 +219,4 @@ def domain_metrics_for(config):
   """DomainMetrics against the eval split, or None when the data has no domain classifier."""
   if not _is_fashion_mnist(config.data):
     return None
-  from arvision import config_util
-
   return _domain_metrics_cached(config_util.to_json(config.data))
