@@ -25,7 +25,7 @@ data:
 
 # The main job: tokenizer (trained first when absent) + VAR on Fashion-MNIST, then samples + metrics.
 quickstart: setup data
-	$(BIN)/arvision train --config configs/var.py:fmnist --workdir $(QUICKSTART)
+	$(BIN)/arvision train --config configs/var.py:fmnist --workdir $(QUICKSTART) --config.eval.num_samples=100
 	$(BIN)/arvision eval --workdir $(QUICKSTART) --num_samples 1000 --out $(QUICKSTART)/eval
 
 test: setup data

@@ -150,7 +150,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   init_rng, step_rng = jax.random.split(rng)
   abstract = jax.eval_shape(init_state, init_rng)
   shardings = parallel.state_shardings(abstract, mesh, config.sharding)
-  frozen = jax.device_put(frozen, parallel.replicated(mesh))
+  # Frozen params (e.g. the tokenizer) live in the state, so checkpoints are self-contained and
+  # the step receives them as arguments (never as constants baked into the compiled program).
+  abstract["frozen"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), frozen)
+  shardings["frozen"] = jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
 
   # --- Restore ----------------------------------------------------------------------------------
   if ckpt.latest_step() is not None:
@@ -161,7 +164,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     state = other.restore(_with_shardings(abstract, shardings), data_iter=train_iter)
     logging.info("resumed from config.resume_from=%s", config.resume_from)
   else:
-    state = jax.jit(init_state, out_shardings=shardings)(init_rng)
+    trainable = {k: v for k, v in shardings.items() if k != "frozen"}
+    state = jax.jit(init_state, out_shardings=trainable)(init_rng)
+    state["frozen"] = jax.device_put(frozen, shardings["frozen"])
     if config.init_from:
       state["params"] = _init_from(config.init_from, state["params"])
       if use_ema:
@@ -174,7 +179,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     batch = dict(batch, step=step)
 
     def loss_fn(params):
-      return family.loss({**params, **frozen}, batch, rng, True)
+      return family.loss({**params, **state["frozen"]}, batch, rng, True)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -241,7 +246,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         if config.checkpoint_every and done % config.checkpoint_every == 0:
           save(done)
         if config.eval_every and done % config.eval_every == 0 and done != total:
-          evaluator.run(family, _eval_params(state, frozen), config, workdir, step=done,
+          evaluator.run(family, _eval_params(state), config, workdir, step=done,
                         writer=writer)
         stopping = preempt.requested or (stop_after is not None and done - start >= stop_after)
         if stopping:
@@ -257,7 +262,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     ckpt.close()
     writer.flush()
   if last_good is not None and start < total:
-    eval_metrics = evaluator.run(family, _eval_params(state, frozen), config, workdir,
+    eval_metrics = evaluator.run(family, _eval_params(state), config, workdir,
                                  step=total, writer=writer)
   writer.close()
   return eval_metrics
@@ -268,8 +273,8 @@ def _with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def _eval_params(state, frozen):
-  return {**state.get("ema", state["params"]), **frozen}
+def _eval_params(state):
+  return {**state.get("ema", state["params"]), **state["frozen"]}
 
 
 def _init_from(path: str, params):
