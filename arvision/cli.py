@@ -1,7 +1,8 @@
 """`arvision train|eval|sample` — thin; the logic lives in importable modules.
 
     arvision train  --config configs/tokenizer.py:fmnist_msvq --workdir runs/tok [--config.total_steps=N]
-    arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval
+    arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval \
+                    [--inception_weights pt_inception-2015-12-05-6726825d.pth] [--reference ref.npz]
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
@@ -27,6 +28,13 @@ _LABELS = flags.DEFINE_string("labels", "0", "sample: comma-separated class labe
 _PER_LABEL = flags.DEFINE_integer("per_label", 8, "sample: images per label (one row each)")
 _SEED = flags.DEFINE_integer("seed", 0, "sample/eval: rng seed")
 _SAMPLE_KW = flags.DEFINE_string("sample_kw", "", "sampling overrides, e.g. cfg=1.5,top_k=900")
+_INCEPTION_WEIGHTS = flags.DEFINE_string(
+  "inception_weights", None, "eval: FID Inception weights (pytorch-fid/torch-fidelity .pth or an "
+  "arvision .npz); enables FID/sFID/IS/precision/recall (rFID for tokenizers). Default: "
+  "config.eval.inception_weights")
+_REFERENCE = flags.DEFINE_string(
+  "reference", None, "eval: ADM reference batch .npz (mu, sigma[, mu_s, sigma_s, arr_0]); default: "
+  "config.eval.reference, or statistics of the eval split computed once and cached")
 _VAE = flags.DEFINE_string("vae", None, "convert var: the converted VAE dir or the official .pth")
 
 
@@ -66,7 +74,8 @@ def _eval():
   out = _OUT.value or os.path.join(workdir, "eval")
   metrics = evaluator.run(model.family, model.params, model.config, workdir, step=model.step,
                           out_dir=out, num_samples=_NUM_SAMPLES.value,
-                          sample_kw=_parse_kw(_SAMPLE_KW.value) or None)
+                          sample_kw=_parse_kw(_SAMPLE_KW.value) or None,
+                          inception_weights=_INCEPTION_WEIGHTS.value, reference=_REFERENCE.value)
   print({k: round(v, 4) for k, v in metrics.items()})
 
 

@@ -101,6 +101,11 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.eval.num_batches = 4  # held-out loss batches
   c.eval.num_samples = 100  # generated samples (generators) / reconstructed images (tokenizers)
   c.eval.batch_size = 100
+  # Inception metrics (FID/sFID/IS/precision-recall; rFID for tokenizers) run only with weights:
+  # a pytorch-fid / torch-fidelity .pth or an arvision .npz (they cannot be downloaded offline).
+  c.eval.inception_weights = ""
+  # An ADM reference batch .npz (mu/sigma[/mu_s/sigma_s/arr_0]); "" = statistics of the eval split.
+  c.eval.reference = ""
   return c
 
 
