@@ -1,0 +1,535 @@
+"""VAR sampling benchmark: images/s of the KV-cache sampler against recomputing the prefix.
+
+    python experiments/bench_sampling.py --config configs/var.py:fmnist --batch 1,8 --cfg 0,1.5 \
+        --out experiments/results/bench_sampling_cpu.json
+    python experiments/bench_sampling.py --preset gpu --reference /path/to/FoundationVision/VAR \
+        --out experiments/results/bench_sampling_gpu.json       # VAR-d16, 256px, batch 64, bf16
+    python experiments/bench_sampling.py --quick                # seconds: checks the code path
+
+Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
+config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
+decode included):
+- `kv_cache`: `VARFamily.sample` -- one jitted function, a preallocated KV cache per layer.
+- `recompute`: no cache. At scale k the full transformer runs over every token of scales <= k
+  under the scale-causal mask (`masks.scale_causal(lengths[:k+1])`); the head runs on scale k
+  only. One jitted function, static shapes per scale. It draws its randomness exactly as the
+  cached sampler, so with the same rng both give the same tokens (tests check this).
+- `official`: with `--reference`, FoundationVision/VAR's `autoregressive_infer_cfg` with the same
+  depth, width, heads, patch_nums, vocabulary, batch, cfg, top-k and top-p (torch; CUDA when
+  available, else CPU), timed in the same run. For configs on `tokenizer.py:var_vae` (d16 ...) the
+  official VQVAE is the same architecture as ours; for the small configs it is the official
+  VQVAE with our vocabulary/latent width/channels but its fixed 16x decoder (a bigger image), so
+  the ratio there includes a decoder that does more work than ours.
+
+CFG: both the official sampler and ours ALWAYS run the doubled batch (conditional + null class),
+also at cfg=0, so cfg on/off costs the same; the rows show it.
+
+dtype: `bfloat16` casts the transformer weights to bf16 and, like torch autocast, casts the
+inputs of its Dense layers to bf16 (a linen method interceptor; the family has no compute-dtype
+field). The tokenizer stays float32. The official sampler runs under `torch.autocast(bf16)`.
+
+Times: `block_until_ready` (torch: `cuda.synchronize`), median of `--runs` calls after a warm-up
+call; `first_call_s` is the warm-up (trace + compile + one run) and `compile_s` = first_call_s -
+median_s. A table is printed and a JSON with device, versions, config and rows is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arvision import config_util, families
+from arvision.models.var import VAR, param_count
+from arvision.ops import masks
+from arvision.sampling.topk import cfg_mix, filter_top_k_top_p
+
+PRESETS = {
+  # The number the issue asks for on a GPU: VAR-d16 at 256px, batch 64, bf16, cfg 1.5.
+  "gpu": dict(config="configs/var.py:d16", batch="64", cfg="1.5", dtype="bfloat16", runs=5),
+  # Tiny: exercises every code path in seconds (CPU).
+  "quick": dict(config="configs/var.py:smoke", batch="2", cfg="0,1.5", dtype="float32", runs=2),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model with random weights
+
+
+def build(spec: str, seed: int = 0):
+  """`(config, family, params)` for a VAR config spec, random weights (VAR and tokenizer)."""
+  config = config_util.load_config_file(spec)
+  if config.family != "var":
+    raise ValueError(f"--config {spec!r} is a {config.family!r} config; this benchmark needs var")
+  tok = families.build(config.tokenizer.config)
+  fam = families.build(config, tokenizer=tok)
+  k_var, k_tok = jax.random.split(jax.random.key(seed))
+  tok_params = tok.init(k_tok, None)
+  params = {**fam.init(k_var, None), "tokenizer": {"ae": tok_params["ae"]}}
+  return config, fam, params
+
+
+def cast_params(params: dict, dtype) -> dict:
+  """Transformer weights to `dtype`; the tokenizer stays float32."""
+  var = {k: v for k, v in params.items() if k != "tokenizer"}
+  var = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, var)
+  return {**var, "tokenizer": params["tokenizer"]}
+
+
+def _inside_var(module) -> bool:
+  while module is not None:
+    if isinstance(module, VAR):
+      return True
+    module = module.parent if isinstance(module.parent, nn.Module) else None
+  return False
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype):
+  """Autocast analogue: inputs of the VAR's Dense layers are cast to `dtype` (None: no-op).
+
+  Active while the samplers are traced; the tokenizer's modules are left alone.
+  """
+  if dtype is None or dtype == jnp.float32:
+    yield
+    return
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      if _inside_var(context.module):
+        args = tuple(a.astype(dtype) if hasattr(a, "astype") else a for a in args)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# The no-cache baseline
+
+
+def _prefix_logits(m: VAR, x_BxPxC, cond_BxD, num_scales: int):
+  """Full forward over the tokens of scales < num_scales; logits of the last of them."""
+  cond = m._block_cond(cond_BxD)
+  mask = masks.scale_causal(m.lengths[:num_scales])
+  for block in m.blocks:
+    x_BxPxC, _ = block(x_BxPxC, cond, mask=mask, deterministic=True)
+  begin = sum(m.lengths[: num_scales - 1])
+  return m._logits(x_BxPxC[:, begin:], cond_BxD)
+
+
+def recompute_sampler(fam):
+  """A jitted `(params, labels, rng, cfg, top_k, top_p) -> (images uint8, idx list)` sampler that
+  recomputes the whole prefix at every scale (no KV cache). Same CFG schedule, filtering and rng
+  use as `VARFamily.sample` (more_smooth off)."""
+  mod, tok = fam.module, fam.tokenizer
+
+  def run(params, labels, rng, cfg, top_k, top_p):
+    var_vars = fam._var_vars(params)
+    tok_p = params["tokenizer"]
+    B, n, Cvae = labels.shape[0], len(fam.patch_nums), mod.cvae
+    labels = labels.astype(jnp.int32)
+    labels_2B = jnp.concatenate([labels, jnp.full_like(labels, fam.num_classes)])
+    x, cond_2BxD = mod.apply(var_vars, labels_2B, method=VAR.first_tokens)
+    codebook_VxC = tok.codebook(tok_p).astype(jnp.float32)
+    P = fam.patch_nums[-1]
+    f_hat = jnp.zeros((B, P, P, Cvae), jnp.float32)
+    inputs, idx_out = [x], []
+    for si, pn in enumerate(fam.patch_nums):
+      ratio = si / (n - 1) if n > 1 else 0.0
+      prefix = jnp.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
+      logits_2Bxlxv = mod.apply(var_vars, prefix, cond_2BxD, si + 1, method=_prefix_logits)
+      logits = cfg_mix(logits_2Bxlxv[:B], logits_2Bxlxv[B:], cfg * ratio)
+      rng, k_idx, _ = jax.random.split(rng, 3)  # the cached sampler's split (gumbel key unused)
+      filtered = filter_top_k_top_p(logits, top_k, top_p)
+      idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
+      idx_out.append(idx_Bl)
+      h = codebook_VxC[idx_Bl].reshape(B, pn, pn, Cvae)
+      f_hat, nxt = tok.next_input(tok_p, si, f_hat, h)
+      if si != n - 1:
+        x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
+        inputs.append(jnp.concatenate([x, x], axis=0).astype(inputs[0].dtype))
+    img = tok.decode_fhat(tok_p, f_hat).astype(jnp.float32)
+    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    return img_u8, idx_out
+
+  jitted = jax.jit(run)
+
+  def sample(params, labels, rng, *, cfg=1.5, top_k=900, top_p=0.96):
+    return jitted(
+      params, jnp.asarray(labels), rng, jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p)
+    )
+
+  return sample
+
+
+def samplers(fam):
+  """`{name: fn(params, labels, rng, cfg, top_k, top_p) -> (images, idx list)}`."""
+
+  def kv_cache(params, labels, rng, *, cfg, top_k, top_p):
+    images, idx, _ = fam.sample_tokens(params, labels, rng, cfg=cfg, top_k=top_k, top_p=top_p)
+    return images, idx
+
+  return {"kv_cache": kv_cache, "recompute": recompute_sampler(fam)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(call, runs: int, sync) -> dict:
+  """Warm-up call (compile) then `runs` timed calls; seconds."""
+  t0 = time.perf_counter()
+  sync(call())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    sync(call())
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  return dict(
+    median_s=med,
+    runs_s=[round(t, 4) for t in times],
+    first_call_s=round(first, 3),
+    compile_s=round(max(first - med, 0.0), 3),
+  )
+
+
+def bench_ours(fns, fam, params, batch, cfg, dtype, top_k, top_p, runs, which):
+  p = cast_params(params, dtype)
+  labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+  rows = []
+  for name in which:
+    with compute_dtype(dtype):
+      res = time_calls(
+        lambda fn=fns[name]: fn(p, labels, jax.random.key(0), cfg=cfg, top_k=top_k, top_p=top_p),
+        runs,
+        jax.block_until_ready,
+      )
+    rows.append(dict(impl=name, batch=batch, cfg=cfg, **res))
+  return rows
+
+
+def decode_time(fam, params, batch, runs) -> float:
+  """Median seconds of our tokenizer decode alone (f_hat -> image), for the decoder-free ratio."""
+  P, C = fam.patch_nums[-1], fam.module.cvae
+  f_hat = jnp.zeros((batch, P, P, C), jnp.float32)
+  dec = jax.jit(fam.tokenizer.decode_fhat)
+  return time_calls(lambda: dec(params["tokenizer"], f_hat), runs, jax.block_until_ready)[
+    "median_s"
+  ]
+
+
+# ------------------------------------------------------------------------------------------------
+# The official sampler (FoundationVision/VAR checkout; its code is imported, never copied)
+
+
+def _official_imports(reference: str):
+  if not os.path.isdir(os.path.join(reference, "models")):
+    raise FileNotFoundError(f"--reference {reference!r} is not a FoundationVision/VAR checkout")
+  sys.path.insert(0, reference)
+  hub = types.ModuleType("huggingface_hub")  # only the Hub mixin (downloads) is used from it
+  hub.PyTorchModelHubMixin = type(
+    "PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)}
+  )
+  sys.modules.setdefault("huggingface_hub", hub)
+
+
+def build_official(reference: str, fam, device: str):
+  """The official VQVAE + VAR with our config's sizes and random weights, in eval mode."""
+  import torch
+
+  _official_imports(reference)
+  from models import VAR as OfficialVAR
+  from models import VQVAE
+
+  tm = fam.tokenizer.config.model
+  mod = fam.module
+  torch.manual_seed(0)
+  vae = VQVAE(
+    vocab_size=mod.vocab_size,
+    z_channels=mod.cvae,
+    ch=max(32, -(-int(tm.ch) // 32) * 32),  # its GroupNorm has 32 groups
+    test_mode=True,
+    share_quant_resi=4,
+    v_patch_nums=fam.patch_nums,
+  )
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():  # test_mode VQVAE is left uninitialised by some torch paths: fill it
+    for p in vae.parameters():
+      p.copy_(torch.randn(p.shape, generator=g) / max(p[0].numel(), 1) ** 0.5)
+  on_cuda = device == "cuda"
+  var = OfficialVAR(
+    vae,
+    num_classes=fam.num_classes,
+    depth=mod.depth,
+    embed_dim=mod.width,
+    num_heads=mod.num_heads,
+    mlp_ratio=mod.mlp_ratio,
+    drop_path_rate=0.0,
+    norm_eps=mod.norm_eps,
+    shared_aln=mod.shared_aln,
+    attn_l2_norm=mod.attn_l2_norm,
+    patch_nums=fam.patch_nums,
+    flash_if_available=on_cuda,
+    fused_if_available=on_cuda,
+  )
+  var.init_weights(init_adaln=mod.aln, init_adaln_gamma=mod.alng, init_head=mod.init_head)
+  return vae.to(device).eval(), var.to(device).eval()
+
+
+def bench_official(var, device, batch, cfg, dtype_name, top_k, top_p, runs):
+  import torch
+
+  labels = torch.arange(batch, device=device) % var.num_classes
+  sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
+
+  def call():
+    with torch.inference_mode(), autocast:
+      return var.autoregressive_infer_cfg(
+        batch, labels, g_seed=0, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=False
+      )
+
+  return dict(impl="official", batch=batch, cfg=cfg, **time_calls(call, runs, sync))
+
+
+def official_decode_time(var, device, batch, dtype_name, runs) -> float:
+  """Median seconds of the official VQVAE decode alone (`fhat_to_img`)."""
+  import torch
+
+  P = var.patch_nums[-1]
+  f_hat = torch.zeros(batch, var.Cvae, P, P, device=device)
+  sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
+
+  def call():
+    with torch.inference_mode(), autocast:
+      return var.vae_proxy[0].fhat_to_img(f_hat)
+
+  return time_calls(call, runs, sync)["median_s"]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _csv(text, cast):
+  try:
+    return [cast(t) for t in str(text).split(",") if t.strip()]
+  except ValueError as e:
+    raise SystemExit(f"bad comma-separated list {text!r}: {e}") from e
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), help="gpu: d16/256px/batch 64/bf16")
+  ap.add_argument("--quick", action="store_true", help="same as --preset quick")
+  ap.add_argument("--config", help="a VAR config, e.g. configs/var.py:fmnist")
+  ap.add_argument("--batch", help="comma-separated batch sizes (default 1,8)")
+  ap.add_argument("--cfg", help="comma-separated guidance scales (default 0,1.5)")
+  ap.add_argument("--dtype", choices=sorted(DTYPES), help="transformer dtype (default float32)")
+  ap.add_argument("--runs", type=int, help="timed calls per row (median; default 3)")
+  ap.add_argument("--top_k", type=int, help="default: the config's sample.top_k")
+  ap.add_argument("--top_p", type=float, help="default: the config's sample.top_p")
+  ap.add_argument("--impls", default="kv_cache,recompute", help="subset of kv_cache,recompute")
+  ap.add_argument("--reference", default="", help="FoundationVision/VAR checkout: time it too")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default="", help="JSON path (default bench_sampling_<device>.json)")
+  ap.add_argument(
+    "--append", action="store_true", help="add this config's result to an existing --out JSON"
+  )
+  args = ap.parse_args(argv)
+  preset = PRESETS.get("quick" if args.quick else args.preset, {})
+  defaults = dict(config="configs/var.py:fmnist", batch="1,8", cfg="0,1.5", dtype="float32", runs=3)
+  for k, v in {**defaults, **preset}.items():
+    if getattr(args, k) is None:
+      setattr(args, k, v)
+  args.batch = _csv(args.batch, int)
+  args.cfg = _csv(args.cfg, float)
+  args.impls = _csv(args.impls, str)
+  for name in args.impls:
+    if name not in ("kv_cache", "recompute"):
+      raise SystemExit(f"--impls: unknown {name!r}; accepted: kv_cache, recompute")
+  if any(b <= 0 for b in args.batch):
+    raise SystemExit(f"--batch must be positive ints, got {args.batch}")
+  if args.runs <= 0:
+    raise SystemExit(f"--runs={args.runs} must be >= 1")
+  return args
+
+
+def run(args) -> dict:
+  """Runs the benchmark described by parsed `args`; returns the result dict (also printed)."""
+  config, fam, params = build(args.config, args.seed)
+  sample_kw = dict(config.get("sample", {}))
+  top_k = args.top_k if args.top_k is not None else int(sample_kw.get("top_k", 0))
+  top_p = args.top_p if args.top_p is not None else float(sample_kw.get("top_p", 0.0))
+  dtype = DTYPES[args.dtype]
+  jdev = jax.devices()[0]
+  versions = dict(jax=jax.__version__, python=platform.python_version())
+
+  official = None
+  if args.reference:
+    import torch
+
+    torch.set_grad_enabled(False)
+    tdev = "cuda" if torch.cuda.is_available() else "cpu"
+    versions["torch"] = torch.__version__
+    _, official = build_official(args.reference, fam, tdev)
+
+  rows = []
+  fns = samplers(fam)  # built once: one compilation per shape, reused across cfg values
+  for batch in args.batch:
+    decode_s = {}
+    if official is not None:
+      decode_s["ours"] = decode_time(fam, params, batch, args.runs)
+      decode_s["official"] = official_decode_time(official, tdev, batch, args.dtype, args.runs)
+    for cfg in args.cfg:
+      group = bench_ours(fns, fam, params, batch, cfg, dtype, top_k, top_p, args.runs, args.impls)
+      if official is not None:
+        group.append(
+          bench_official(official, tdev, batch, cfg, args.dtype, top_k, top_p, args.runs)
+        )
+      by = {r["impl"]: r for r in group}
+      for r in group:
+        r["dtype"] = args.dtype
+        r["images_per_s"] = batch / r["median_s"]
+        if "kv_cache" in by and r["impl"] != "kv_cache":
+          r["kv_cache_speedup"] = r["median_s"] / by["kv_cache"]["median_s"]
+        if r["impl"] == "official":
+          r["official_torch_device"] = tdev
+        if decode_s:
+          r["decode_s"] = decode_s["official" if r["impl"] == "official" else "ours"]
+      if "official" in by and "kv_cache" in by:
+        ours, off = by["kv_cache"], by["official"]
+        ours["ours_over_official"] = ours["images_per_s"] / off["images_per_s"]
+        # Transformer + sampling only: each side minus its own decoder's median time.
+        ours_t, off_t = ours["median_s"] - ours["decode_s"], off["median_s"] - off["decode_s"]
+        if ours_t > 0 and off_t > 0:
+          ours["ours_over_official_without_decode"] = off_t / ours_t
+      rows.extend(group)
+      for r in group:
+        print(_fmt_row(r), flush=True)
+
+  mod = fam.module
+  tm = fam.tokenizer.config.model
+  # The official VQVAE is fixed at ch_mult (1, 1, 2, 2, 4); ours matches it for var_vae.
+  same_vae = tuple(tm.ch_mult) == (1, 1, 2, 2, 4) and int(tm.ch) % 32 == 0
+  result = dict(
+    device=f"{jdev.platform}: {jdev.device_kind}",
+    versions=versions,
+    config=dict(
+      spec=args.config,
+      depth=mod.depth,
+      width=mod.width,
+      heads=mod.num_heads,
+      patch_nums=list(fam.patch_nums),
+      seq_len=fam.seq_len,
+      vocab_size=mod.vocab_size,
+      image_size=int(config.data.image_size),
+      var_params=param_count({k: v for k, v in params.items() if k != "tokenizer"}),
+      tokenizer=dict(ch=int(tm.ch), ch_mult=list(tm.ch_mult), z_channels=int(tm.z_channels)),
+      attn_impl=mod.attn_impl,
+    ),
+    settings=dict(
+      dtype=args.dtype,
+      top_k=top_k,
+      top_p=top_p,
+      runs=args.runs,
+      cfg_doubles_batch=True,
+      note="ours and official both run 2B rows (cond + null class) at every cfg, cfg=0 included",
+    ),
+    rows=rows,
+  )
+  if official is not None and not same_vae:
+    result["settings"]["official_tokenizer_note"] = (
+      "official VQVAE has a fixed 16x decoder (bigger image than ours): its time includes more "
+      "decoder work"
+    )
+  print(table(result))
+  return result
+
+
+def _fmt_row(r) -> str:
+  extra = ""
+  if "kv_cache_speedup" in r:
+    extra += f"  kv_cache is {r['kv_cache_speedup']:.2f}x faster"
+  if "ours_over_official" in r:
+    extra += f"  ours/official {r['ours_over_official']:.2f}x"
+  if "ours_over_official_without_decode" in r:
+    extra += f" ({r['ours_over_official_without_decode']:.2f}x without decode)"
+  return (
+    f"{r['impl']:>10} b={r['batch']:<4} cfg={r['cfg']:<4} {r['images_per_s']:10.3f} img/s  "
+    f"median {r['median_s']:.4f}s  compile {r['compile_s']:.2f}s{extra}"
+  )
+
+
+def table(result) -> str:
+  c = result["config"]
+  head = (
+    f"\nVAR sampling, {result['device']}, {c['spec']} (depth {c['depth']}, width {c['width']}, "
+    f"L={c['seq_len']}, {c['image_size']}px), {result['settings']['dtype']}, "
+    f"top_k={result['settings']['top_k']} top_p={result['settings']['top_p']}\n"
+  )
+  cols = f"{'impl':>10} {'batch':>5} {'cfg':>5} {'img/s':>10} {'median s':>10} {'compile s':>10} "
+  cols += f"{'kv speedup':>10} {'ours/off':>9} {'w/o decode':>10}"
+  lines = [head + cols, "-" * len(cols)]
+  for r in result["rows"]:
+    sp = f"{r['kv_cache_speedup']:.2f}x" if "kv_cache_speedup" in r else ""
+    ro = f"{r['ours_over_official']:.2f}x" if "ours_over_official" in r else ""
+    rd = r.get("ours_over_official_without_decode")
+    rd = f"{rd:.2f}x" if rd else ""
+    lines.append(
+      f"{r['impl']:>10} {r['batch']:>5} {r['cfg']:>5} {r['images_per_s']:>10.3f} "
+      f"{r['median_s']:>10.4f} {r['compile_s']:>10.2f} {sp:>10} {ro:>9} {rd:>10}"
+    )
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = run(args)
+  jdev = jax.devices()[0]
+  out = args.out or f"experiments/results/bench_sampling_{jdev.platform}.json"
+  doc = dict(
+    what=f"{jdev.platform.upper()} run: VAR sampling throughput, random weights, end to end "
+    "(labels -> uint8 images); see experiments/bench_sampling.py",
+    device=result["device"],
+    num_devices=jax.device_count(),
+    host=dict(
+      cpu_count=os.cpu_count(),
+      machine=platform.machine(),
+      loadavg_at_start=[round(x, 2) for x in os.getloadavg()],  # the CPU may be shared
+    ),
+    versions=result["versions"],
+    results=[],
+  )
+  if args.append and os.path.exists(out):
+    with open(out) as f:
+      doc = json.load(f)
+    if doc.get("device") != result["device"]:
+      raise SystemExit(
+        f"--append: {out} is for {doc.get('device')!r}, this run is on {result['device']!r}"
+      )
+    doc["versions"].update(result["versions"])
+  doc["results"].append({k: v for k, v in result.items() if k not in ("device", "versions")})
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(doc, f, indent=2)
+  print(f"wrote {out}")
+  return doc
+
+
+if __name__ == "__main__":
+  main()
