@@ -29,6 +29,7 @@ quickstart: setup data
 	$(BIN)/arvision eval --workdir $(QUICKSTART) --num_samples 1000 --out $(QUICKSTART)/eval
 
 test: setup data
+	$(BIN)/ruff check arvision configs experiments tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup

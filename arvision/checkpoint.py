@@ -36,15 +36,18 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      ),
     )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, config, data_iter=None) -> None:
-    items = dict(state=ocp.args.StandardSave(state),
-                 config=ocp.args.JsonSave(json.loads(config_util.to_json(config))))
+    items = dict(
+      state=ocp.args.StandardSave(state),
+      config=ocp.args.JsonSave(json.loads(config_util.to_json(config))),
+    )
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -72,9 +75,13 @@ def _latest_step_dir(path: str) -> tuple[str, int]:
   if not os.path.isdir(directory):
     raise FileNotFoundError(
       f"{path!r} holds no arvision checkpoints (expected {directory}/<step>/); train with "
-      f"`arvision train --workdir` or convert official weights with `arvision convert`")
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()
-           and os.path.exists(os.path.join(directory, d, "state"))]
+      f"`arvision train --workdir` or convert official weights with `arvision convert`"
+    )
+  steps = [
+    int(d)
+    for d in os.listdir(directory)
+    if d.isdigit() and os.path.exists(os.path.join(directory, d, "state"))
+  ]
   if not steps:
     raise FileNotFoundError(f"{directory} holds no complete checkpoint step")
   step = max(steps)

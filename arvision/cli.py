@@ -19,8 +19,9 @@ from ml_collections import config_flags
 
 COMMANDS = ("train", "eval", "sample", "convert")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "path/to/config.py[:variant]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "path/to/config.py[:variant]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 _OUT = flags.DEFINE_string("out", None, "eval: output dir; sample: PNG path")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "eval: number of samples/reconstructions")
@@ -29,12 +30,18 @@ _PER_LABEL = flags.DEFINE_integer("per_label", 8, "sample: images per label (one
 _SEED = flags.DEFINE_integer("seed", 0, "sample/eval: rng seed")
 _SAMPLE_KW = flags.DEFINE_string("sample_kw", "", "sampling overrides, e.g. cfg=1.5,top_k=900")
 _INCEPTION_WEIGHTS = flags.DEFINE_string(
-  "inception_weights", None, "eval: FID Inception weights (pytorch-fid/torch-fidelity .pth or an "
+  "inception_weights",
+  None,
+  "eval: FID Inception weights (pytorch-fid/torch-fidelity .pth or an "
   "arvision .npz); enables FID/sFID/IS/precision/recall (rFID for tokenizers). Default: "
-  "config.eval.inception_weights")
+  "config.eval.inception_weights",
+)
 _REFERENCE = flags.DEFINE_string(
-  "reference", None, "eval: ADM reference batch .npz (mu, sigma[, mu_s, sigma_s, arr_0]); default: "
-  "config.eval.reference, or statistics of the eval split computed once and cached")
+  "reference",
+  None,
+  "eval: ADM reference batch .npz (mu, sigma[, mu_s, sigma_s, arr_0]); default: "
+  "config.eval.reference, or statistics of the eval split computed once and cached",
+)
 _VAE = flags.DEFINE_string("vae", None, "convert var: the converted VAE dir or the official .pth")
 
 
@@ -72,10 +79,18 @@ def _eval():
   workdir = _require(_WORKDIR, "workdir")
   model = api.load(workdir)
   out = _OUT.value or os.path.join(workdir, "eval")
-  metrics = evaluator.run(model.family, model.params, model.config, workdir, step=model.step,
-                          out_dir=out, num_samples=_NUM_SAMPLES.value,
-                          sample_kw=_parse_kw(_SAMPLE_KW.value) or None,
-                          inception_weights=_INCEPTION_WEIGHTS.value, reference=_REFERENCE.value)
+  metrics = evaluator.run(
+    model.family,
+    model.params,
+    model.config,
+    workdir,
+    step=model.step,
+    out_dir=out,
+    num_samples=_NUM_SAMPLES.value,
+    sample_kw=_parse_kw(_SAMPLE_KW.value) or None,
+    inception_weights=_INCEPTION_WEIGHTS.value,
+    reference=_REFERENCE.value,
+  )
   print({k: round(v, 4) for k, v in metrics.items()})
 
 

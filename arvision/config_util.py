@@ -26,7 +26,9 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
       continue
     if "=" not in part:
       if "variant" not in defaults:
-        raise ValueError(f"config arg {part!r}: this config takes no variant; keys: {sorted(defaults)}")
+        raise ValueError(
+          f"config arg {part!r}: this config takes no variant; keys: {sorted(defaults)}"
+        )
       out.variant = part
       continue
     key, val = part.split("=", 1)
@@ -63,8 +65,12 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.sample = mlc.ConfigDict()  # generators: default sampling settings (family.sample kwargs)
 
   c.data = mlc.ConfigDict()
-  c.data.source = "fashion_mnist"  # fashion_mnist | tfds:<name> | folder:<path> | tokens:<path> | synthetic
-  c.data.data_dir = ""  # TFDS data_dir / cache dir ("" = ~/.cache/arvision/tfds or $ARVISION_DATA_DIR)
+  c.data.source = (
+    "fashion_mnist"  # fashion_mnist | tfds:<name> | folder:<path> | tokens:<path> | synthetic
+  )
+  c.data.data_dir = (
+    ""  # TFDS data_dir / cache dir ("" = ~/.cache/arvision/tfds or $ARVISION_DATA_DIR)
+  )
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.image_size = 32
@@ -86,7 +92,11 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
-  c.optim.no_decay = ("bias", "scale", "norm")  # path regexes without weight decay (1-D params never decay)
+  c.optim.no_decay = (
+    "bias",
+    "scale",
+    "norm",
+  )  # path regexes without weight decay (1-D params never decay)
   c.optim.clip_norm = 1.0  # 0 = off
   c.optim.warmup_steps = 0
   c.optim.hold_steps = 0  # constant at peak after warmup

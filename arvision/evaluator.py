@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,20 @@ from arvision import config_util, data, parallel, visualize
 from arvision.parallel.mesh import BATCH_AXES
 
 
-def run(family, params, config, workdir: str, *, step: int, writer=None, out_dir: str | None = None,
-        num_samples: int | None = None, sample_kw: dict | None = None,
-        inception_weights: str | None = None, reference: str | None = None) -> dict:
+def run(
+  family,
+  params,
+  config,
+  workdir: str,
+  *,
+  step: int,
+  writer=None,
+  out_dir: str | None = None,
+  num_samples: int | None = None,
+  sample_kw: dict | None = None,
+  inception_weights: str | None = None,
+  reference: str | None = None,
+) -> dict:
   """Evaluates `params`; writes `metrics.json` to `out_dir` (default WORKDIR/eval/step_N).
 
   Args:
@@ -55,16 +65,24 @@ def run(family, params, config, workdir: str, *, step: int, writer=None, out_dir
   settings = {}
   metrics = heldout_loss(family, params, config)
   if family.kind == "generator":
-    metrics.update(eval_generator(family, params, config, out_dir, num_samples, sample_kw or {},
-                                  inc=inc, settings=settings))
+    metrics.update(
+      eval_generator(
+        family, params, config, out_dir, num_samples, sample_kw or {}, inc=inc, settings=settings
+      )
+    )
   elif family.kind == "tokenizer":
-    metrics.update(eval_tokenizer(family, params, config, out_dir, num_samples, inc=inc,
-                                  settings=settings))
+    metrics.update(
+      eval_tokenizer(family, params, config, out_dir, num_samples, inc=inc, settings=settings)
+    )
   elif family.kind == "classifier":
     metrics.update(eval_classifier(family, params, config))
   metrics = {k: float(v) for k, v in metrics.items()}
-  record = dict(step=step, metrics=metrics, num_samples=num_samples,
-                sampling=_jsonable(sample_kw or family.sample_defaults()) if family.kind == "generator" else {})
+  record = dict(
+    step=step,
+    metrics=metrics,
+    num_samples=num_samples,
+    sampling=_jsonable(sample_kw or family.sample_defaults()) if family.kind == "generator" else {},
+  )
   record.update(settings)
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -76,7 +94,9 @@ def run(family, params, config, workdir: str, *, step: int, writer=None, out_dir
 
 
 def _jsonable(d: dict) -> dict:
-  return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()}
+  return {
+    k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in d.items()
+  }
 
 
 def heldout_loss(family, params, config) -> dict:
@@ -128,8 +148,9 @@ def _sampler(family, kw_items: tuple, out_sharding):
   return jax.jit(functools.partial(family.sample, **dict(kw_items)), out_shardings=out_sharding)
 
 
-def generate(family, params, labels: np.ndarray, batch_size: int, seed: int = 0, mesh=None,
-             **kw) -> np.ndarray:
+def generate(
+  family, params, labels: np.ndarray, batch_size: int, seed: int = 0, mesh=None, **kw
+) -> np.ndarray:
   """Samples uint8 images for `labels` in fixed-size batches (one compilation), sharded over `mesh`.
 
   The batch axis is split over the mesh's batch axes ("data", "fsdp"); `batch_size` is rounded up to
@@ -159,35 +180,46 @@ def generate(family, params, labels: np.ndarray, batch_size: int, seed: int = 0,
   n = len(labels)
   pad = (-n) % batch_size
   padded = np.resize(labels, n + pad)  # the tail repeats labels from the start
-  for i in tqdm(range(0, len(padded), batch_size), desc="sampling", unit="batch",
-                disable=jax.process_index() != 0, mininterval=0.5 if sys.stderr.isatty() else 30):
-    chunk = padded[i:i + batch_size]
+  for i in tqdm(
+    range(0, len(padded), batch_size),
+    desc="sampling",
+    unit="batch",
+    disable=jax.process_index() != 0,
+    mininterval=0.5 if sys.stderr.isatty() else 30,
+  ):
+    chunk = padded[i : i + batch_size]
     cond = jax.make_array_from_callback(chunk.shape, batch_sh, lambda idx, c=chunk: c[idx])
     imgs = sample(params, cond, jax.device_put(jax.random.key(seed + i), rep))
     out.append(_gather(imgs))
   return np.concatenate(out)[:n]
 
 
-def eval_generator(family, params, config, out_dir, num_samples, sample_kw, inc=None,
-                   settings=None) -> dict:
+def eval_generator(
+  family, params, config, out_dir, num_samples, sample_kw, inc=None, settings=None
+) -> dict:
   from arvision.evaluation import npz
 
   num_classes = config.data.num_classes
   kw = dict(family.sample_defaults(), **sample_kw)
   labels = balanced_labels(num_samples, num_classes)
   mesh = parallel.make_mesh(config.mesh)
-  images = generate(family, params, labels, config.eval.batch_size, seed=config.seed, mesh=mesh,
-                    **kw)
+  images = generate(
+    family, params, labels, config.eval.batch_size, seed=config.seed, mesh=mesh, **kw
+  )
   if settings is not None:
-    settings["sharding"] = dict(mesh={a: int(mesh.shape[a]) for a in parallel.AXES},
-                                num_devices=int(mesh.size), seed=int(config.seed))
+    settings["sharding"] = dict(
+      mesh={a: int(mesh.shape[a]) for a in parallel.AXES},
+      num_devices=int(mesh.size),
+      seed=int(config.seed),
+    )
   if jax.process_index() == 0:
     npz.save_samples(os.path.join(out_dir, "samples.npz"), images, labels)
     per_class = min(10, num_samples // num_classes)
     rows = [images[labels == c][:per_class] for c in range(num_classes)]
     if per_class:
-      visualize.save_grid(os.path.join(out_dir, "samples.png"), np.concatenate(rows), nrow=per_class,
-                          scale=2)
+      visualize.save_grid(
+        os.path.join(out_dir, "samples.png"), np.concatenate(rows), nrow=per_class, scale=2
+      )
   metrics = {}
   domain = domain_metrics_for(config)
   if domain is not None:
@@ -209,8 +241,9 @@ def eval_tokenizer(family, params, config, out_dir, num_samples, inc=None, setti
   psnr, ssim, codes, seen = [], [], [], 0
   grid_rows = []
   originals, recons = [], []  # uint8, kept only for rFID
-  for batch in data.make_eval_iter(config.data, batch_size=config.eval.batch_size,
-                                   num_examples=num_samples):
+  for batch in data.make_eval_iter(
+    config.data, batch_size=config.eval.batch_size, num_examples=num_samples
+  ):
     mask = np.asarray(batch["mask"])
     x = batch["image"]
     recon, c = recon_fn(params, x)
@@ -227,7 +260,9 @@ def eval_tokenizer(family, params, config, out_dir, num_samples, inc=None, setti
       k = min(8, int(mask.sum()))
       grid_rows = [visualize.to_uint8(x[:k]), visualize.to_uint8(recon[:k])]
     seen += int(mask.sum())
-  metrics = dict(psnr=float(np.mean(np.concatenate(psnr))), ssim=float(np.mean(np.concatenate(ssim))))
+  metrics = dict(
+    psnr=float(np.mean(np.concatenate(psnr))), ssim=float(np.mean(np.concatenate(ssim)))
+  )
   if codes:
     usage = tm.codebook_usage(np.concatenate(codes), family.vocab_size)
     metrics.update(usage)
@@ -235,17 +270,26 @@ def eval_tokenizer(family, params, config, out_dir, num_samples, inc=None, setti
     originals, recons = np.concatenate(originals), np.concatenate(recons)
     if len(originals) < 2:
       raise ValueError(
-        f"rFID needs >= 2 eval images; num_samples={num_samples} gave {len(originals)}")
+        f"rFID needs >= 2 eval images; num_samples={num_samples} gave {len(originals)}"
+      )
     bs = config.eval.batch_size
     f_real = inc.features(originals, bs)["pool"]
     f_recon = inc.features(recons, bs)["pool"]
     metrics["rfid"] = frechet_distance_to_stats(f_recon, *em.feature_stats(f_real))
     if settings is not None:
-      settings["inception"] = dict(inc.base_record(recons), reference=(
-        f"the {len(originals)} originals of config.data split {config.data.eval_split!r}"))
+      settings["inception"] = dict(
+        inc.base_record(recons),
+        reference=(
+          f"the {len(originals)} originals of config.data split {config.data.eval_split!r}"
+        ),
+      )
   if jax.process_index() == 0 and grid_rows:
-    visualize.save_grid(os.path.join(out_dir, "reconstructions.png"), np.concatenate(grid_rows),
-                        nrow=len(grid_rows[0]), scale=2)
+    visualize.save_grid(
+      os.path.join(out_dir, "reconstructions.png"),
+      np.concatenate(grid_rows),
+      nrow=len(grid_rows[0]),
+      scale=2,
+    )
   return metrics
 
 
@@ -266,16 +310,22 @@ DOMAIN_CLASSIFIER = "classifier.py:fmnist"
 
 
 def _is_fashion_mnist(data_config) -> bool:
-  return (data_config.source == "fashion_mnist" and data_config.image_size == 32
-          and data_config.channels == 1)
+  return (
+    data_config.source == "fashion_mnist"
+    and data_config.image_size == 32
+    and data_config.channels == 1
+  )
 
 
 def cache_dir() -> str:
-  return os.environ.get("ARVISION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arvision"))
+  return os.environ.get(
+    "ARVISION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arvision")
+  )
 
 
-PACKAGED_CLASSIFIER = os.path.join(os.path.dirname(__file__), "evaluation", "data",
-                                   "classifier_fmnist.npz")
+PACKAGED_CLASSIFIER = os.path.join(
+  os.path.dirname(__file__), "evaluation", "data", "classifier_fmnist.npz"
+)
 
 
 def config_sha(config) -> str:
@@ -358,8 +408,9 @@ class InceptionSetup:
     self._reference_info = {}
 
   @classmethod
-  def from_config(cls, config, inception_weights: str | None = None,
-                  reference: str | None = None) -> "InceptionSetup | None":
+  def from_config(
+    cls, config, inception_weights: str | None = None, reference: str | None = None
+  ) -> "InceptionSetup | None":
     """None when no weights are configured (no Inception metrics); explicit args override config."""
     from arvision.evaluation import inception
 
@@ -371,7 +422,8 @@ class InceptionSetup:
       if reference:
         raise ValueError(
           f"reference={reference!r} is set but no Inception weights are: FID/sFID/IS need "
-          "--inception_weights (config.eval.inception_weights).\n" + inception.WEIGHTS_HELP)
+          "--inception_weights (config.eval.inception_weights).\n" + inception.WEIGHTS_HELP
+        )
       return None
     return cls(weights, reference)
 
@@ -384,7 +436,8 @@ class InceptionSetup:
       if key in stats and stats[key].shape != (dim,):
         raise ValueError(
           f"{source}: reference {key!r} has shape {stats[key].shape}; the FID Inception gives "
-          f"({dim},) (pool3 for 'mu', mixed_6/conv[..., :7] for 'mu_s')")
+          f"({dim},) (pool3 for 'mu', mixed_6/conv[..., :7] for 'mu_s')"
+        )
 
   def features(self, images_uint8, batch_size: int) -> dict:
     from arvision.evaluation import inception
@@ -414,16 +467,22 @@ class InceptionSetup:
         # ADM computes the arr_0 features on every run; they depend only on the file and weights.
         st = os.stat(self.reference_path)
         path = npz.stats_cache_path(
-          stats_dir(), "ref-" + os.path.basename(self.reference_path),
-          f"arr_0-{st.st_size}-{st.st_mtime_ns}", self._extractor(), 0)
+          stats_dir(),
+          "ref-" + os.path.basename(self.reference_path),
+          f"arr_0-{st.st_size}-{st.st_mtime_ns}",
+          self._extractor(),
+          0,
+        )
+
         def real_features():
           arr_0 = npz.load_reference_stats(self.reference_path, (), load_images=True)["arr_0"]
           return dict(pool=self.features(arr_0, bs)["pool"])
 
         real = npz.cached_stats(path, real_features)
         ref["pool"] = real["pool"]
-        self._reference_info.update(reference_features_cache=path,
-                                    reference_images=int(len(real["pool"])))
+        self._reference_info.update(
+          reference_features_cache=path, reference_images=int(len(real["pool"]))
+        )
       return ref
     dc = config.data
     split = dc.eval_split
@@ -434,23 +493,30 @@ class InceptionSetup:
     self._check_dims(ref, path)
     self._reference_info = dict(
       reference=f"computed: {n} images of config.data {dataset} split {split!r}",
-      reference_cache=path, reference_images=n)
+      reference_cache=path,
+      reference_images=n,
+    )
     return ref
 
   def base_record(self, images) -> dict:
     h, w, c = np.shape(images)[1:]
     return dict(
-      weights=os.path.basename(self.weights_path), weights_fingerprint=self.fingerprint,
+      weights=os.path.basename(self.weights_path),
+      weights_fingerprint=self.fingerprint,
       num_images=int(len(images)),
       resize=f"uint8 {h}x{w}x{c} -> TF1 bilinear (align_corners=False) 299x299x3"
-             + (" (gray repeated to RGB)" if c == 1 else ""),
-      features="pool3 [2048] (FID, P/R), mixed_6/conv[..., :7] [2023] (sFID), logits [1008] (IS)")
+      + (" (gray repeated to RGB)" if c == 1 else ""),
+      features="pool3 [2048] (FID, P/R), mixed_6/conv[..., :7] [2023] (sFID), logits [1008] (IS)",
+    )
 
   def record(self, images, ref) -> dict:
     """The settings that decide the Inception numbers, for metrics.json."""
     n = len(images)
-    out = dict(self.base_record(images), **self._reference_info,
-               is_splits=max(1, math.ceil(n / IS_SPLIT_SIZE)))
+    out = dict(
+      self.base_record(images),
+      **self._reference_info,
+      is_splits=max(1, math.ceil(n / IS_SPLIT_SIZE)),
+    )
     if "pool" in ref:
       out["precision_recall"] = dict(k=PR_K, real_images=int(len(ref["pool"])), dtype="float32")
     return out
@@ -502,8 +568,13 @@ def inception_metrics(images_uint8, inc: InceptionSetup, ref: dict, batch_size: 
     out["sfid"] = frechet_distance_to_stats(f["spatial"], ref["mu_s"], ref["sigma_s"])
   if "pool" in ref:
     if min(n, len(ref["pool"])) <= PR_K:
-      logging.warning("precision/recall skipped: k=%d needs > %d samples and real images "
-                      "(have %d and %d)", PR_K, PR_K, n, len(ref["pool"]))
+      logging.warning(
+        "precision/recall skipped: k=%d needs > %d samples and real images (have %d and %d)",
+        PR_K,
+        PR_K,
+        n,
+        len(ref["pool"]),
+      )
     else:
       out["precision"], out["recall"] = em.precision_recall(ref["pool"], f["pool"], k=PR_K)
   return out

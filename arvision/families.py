@@ -25,8 +25,10 @@ def build(config, tokenizer: Family | None = None) -> Family:
   except ModuleNotFoundError as e:
     if name in FAMILIES or e.name != name:
       raise
-    raise ValueError(f"config.family={name!r} is not a known family; accepted: {sorted(FAMILIES)} "
-                     "or an importable module path") from None
+    raise ValueError(
+      f"config.family={name!r} is not a known family; accepted: {sorted(FAMILIES)} "
+      "or an importable module path"
+    ) from None
   return module.build(config, tokenizer=tokenizer)
 
 

@@ -16,7 +16,8 @@ def peak_lr(optim_config, batch_size: int) -> float:
   """`optim.lr`, scaled by batch/256 when `optim.lr_scaling="batch256"` (VAR, MAR recipes)."""
   if optim_config.lr_scaling not in LR_SCALINGS:
     raise ValueError(
-      f"optim.lr_scaling={optim_config.lr_scaling!r} is unknown; accepted: {LR_SCALINGS}")
+      f"optim.lr_scaling={optim_config.lr_scaling!r} is unknown; accepted: {LR_SCALINGS}"
+    )
   if optim_config.lr_scaling == "batch256":
     return optim_config.lr * batch_size / 256
   return optim_config.lr
@@ -58,8 +59,9 @@ def decay_mask(params, no_decay_patterns) -> object:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make(optim_config, total_steps: int, batch_size: int) -> tuple[optax.GradientTransformation,
-                                                                     optax.Schedule]:
+def make(
+  optim_config, total_steps: int, batch_size: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns the optimizer and its learning-rate schedule (logged as `lr`)."""
   lr = schedule(optim_config, total_steps, batch_size)
   parts = []
@@ -67,7 +69,10 @@ def make(optim_config, total_steps: int, batch_size: int) -> tuple[optax.Gradien
     parts.append(optax.clip_by_global_norm(optim_config.clip_norm))
   parts.append(optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps))
   if optim_config.weight_decay:
-    parts.append(optax.add_decayed_weights(
-      optim_config.weight_decay, mask=lambda p: decay_mask(p, optim_config.no_decay)))
+    parts.append(
+      optax.add_decayed_weights(
+        optim_config.weight_decay, mask=lambda p: decay_mask(p, optim_config.no_decay)
+      )
+    )
   parts.append(optax.scale_by_learning_rate(lr))
   return optax.chain(*parts), lr

@@ -27,8 +27,16 @@ from arvision import config_util, data, families, optim, parallel
 from arvision.metrics_writer import MetricsWriter
 
 # Fields that may change when a run resumes (everything else must match the saved config).
-RESUMABLE_FIELDS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
-                    "keep_checkpoints", "eval", "resume_from", "init_from")
+RESUMABLE_FIELDS = (
+  "total_steps",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "eval",
+  "resume_from",
+  "init_from",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,16 +55,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def check_resumable(saved, config) -> None:
   """A workdir belongs to one experiment: refuse to continue it with a different model or data."""
-  a = {k: v for k, v in _flatten(saved.to_dict()).items() if k.split(".")[0] not in RESUMABLE_FIELDS}
-  b = {k: v for k, v in _flatten(json.loads(config_util.to_json(config))).items()
-       if k.split(".")[0] not in RESUMABLE_FIELDS}
+  a = {
+    k: v for k, v in _flatten(saved.to_dict()).items() if k.split(".")[0] not in RESUMABLE_FIELDS
+  }
+  b = {
+    k: v
+    for k, v in _flatten(json.loads(config_util.to_json(config))).items()
+    if k.split(".")[0] not in RESUMABLE_FIELDS
+  }
   norm = lambda v: list(v) if isinstance(v, tuple) else v
   diff = sorted(k for k in set(a) | set(b) if norm(a.get(k)) != norm(b.get(k)))
   if diff:
     shown = ", ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}" for k in diff[:8])
     raise ValueError(
       f"the workdir already holds a run with a different config ({shown}). Only "
-      f"{RESUMABLE_FIELDS} may change on resume; use a new --workdir. Nothing was changed.")
+      f"{RESUMABLE_FIELDS} may change on resume; use a new --workdir. Nothing was changed."
+    )
 
 
 class _Preemption:
@@ -190,8 +204,12 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(step))
     return new, metrics
 
-  p_step = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  p_step = jax.jit(
+    train_step,
+    in_shardings=(shardings, parallel.batch_sharding(mesh)),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
   # --- Loop -------------------------------------------------------------------------------------
   from arvision import evaluator  # late: evaluation imports the loop for its domain classifier
@@ -211,7 +229,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         raise NonFiniteLossError(
           f"loss became {m['loss']} at step {step}; stopped. The last good checkpoint "
           f"(step {last_saved}) in {ckpt.directory} is kept. Lower optim.lr, raise "
-          f"optim.warmup_steps or check the data.")
+          f"optim.warmup_steps or check the data."
+        )
       acc.append(m)
       pending = None
 
@@ -223,9 +242,15 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
   from tqdm import tqdm
 
-  bar = tqdm(total=total, initial=start, desc=f"train {config.family}", unit="step",
-             disable=jax.process_index() != 0, dynamic_ncols=True,
-             mininterval=0.5 if sys.stderr.isatty() else 30)  # keep CI logs short
+  bar = tqdm(
+    total=total,
+    initial=start,
+    desc=f"train {config.family}",
+    unit="step",
+    disable=jax.process_index() != 0,
+    dynamic_ncols=True,
+    mininterval=0.5 if sys.stderr.isatty() else 30,
+  )  # keep CI logs short
   eval_metrics = {}
   try:
     with _Preemption() as preempt:
@@ -246,8 +271,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         if config.checkpoint_every and done % config.checkpoint_every == 0:
           save(done)
         if config.eval_every and done % config.eval_every == 0 and done != total:
-          evaluator.run(family, _eval_params(state), config, workdir, step=done,
-                        writer=writer)
+          evaluator.run(family, _eval_params(state), config, workdir, step=done, writer=writer)
         stopping = preempt.requested or (stop_after is not None and done - start >= stop_after)
         if stopping:
           save(done)
@@ -262,15 +286,17 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     ckpt.close()
     writer.flush()
   if last_good is not None and start < total:
-    eval_metrics = evaluator.run(family, _eval_params(state), config, workdir,
-                                 step=total, writer=writer)
+    eval_metrics = evaluator.run(
+      family, _eval_params(state), config, workdir, step=total, writer=writer
+    )
   writer.close()
   return eval_metrics
 
 
 def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def _eval_params(state):
@@ -288,8 +314,9 @@ def _init_from(path: str, params):
     if key not in flat_src:
       raise ValueError(f"config.init_from={path!r}: checkpoint has no param {key}")
     if flat_src[key].shape != leaf.shape:
-      raise ValueError(f"config.init_from: {key} has shape {flat_src[key].shape}, "
-                       f"model expects {leaf.shape}")
+      raise ValueError(
+        f"config.init_from: {key} has shape {flat_src[key].shape}, model expects {leaf.shape}"
+      )
     return jax.device_put(jnp.asarray(flat_src[key], leaf.dtype), leaf.sharding)
 
   return jax.tree_util.tree_map_with_path(pick, params)

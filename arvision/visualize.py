@@ -20,7 +20,9 @@ def grid(images_uint8: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
   out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
   for i in range(n):
     r, q = divmod(i, nrow)
-    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    out[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = images[i]
   return out
 
 

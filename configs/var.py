@@ -57,13 +57,13 @@ VAR_MODELS = {
 SMALL_MODELS = {
   "fmnist": dict(
     # ~1.3M params, L=130 tokens: ~43 GFLOP per step (batch 64, fwd+bwd), 1.3 s/step on a free
-    # 2-core CPU (compute-bound), so 1100 steps take ~14 minutes.
+    # 2-core CPU (compute-bound), so 950 steps take ~12.5 minutes.
     tokenizer="tokenizer.py:fmnist_msvq",
     depth=4,
     width=128,
     heads=4,
     batch_size=64,
-    total_steps=1100,
+    total_steps=950,
     lr=2e-3,
     warmup_steps=60,
     alng=1e-3,

@@ -107,21 +107,41 @@ def main():
   labels = evaluator.balanced_labels(args.num_samples, dc.num_classes)
   _, t_first = timed(evaluator.generate, family, params, labels[:batch], batch, mesh=mesh, **kw)
   images, t = timed(evaluator.generate, family, params, labels, batch, seed=1, mesh=mesh, **kw)
-  rows.append(dict(stage="sampling", items=len(labels), seconds=t, per_second=len(labels) / t,
-                   first_call_seconds=t_first, batch_size=batch, shape=list(images.shape[1:]),
-                   devices=int(mesh.size), sample_kw={k: str(v) for k, v in kw.items()}))
+  rows.append(
+    dict(
+      stage="sampling",
+      items=len(labels),
+      seconds=t,
+      per_second=len(labels) / t,
+      first_call_seconds=t_first,
+      batch_size=batch,
+      shape=list(images.shape[1:]),
+      devices=int(mesh.size),
+      sample_kw={k: str(v) for k, v in kw.items()},
+    )
+  )
 
   # Inception features (random weights: speed only).
   variables = random_inception_variables()
   rs = np.random.RandomState(0)
-  imgs = rs.randint(0, 256, (args.inception_images, dc.image_size, dc.image_size, dc.channels),
-                    dtype=np.uint8)
+  imgs = rs.randint(
+    0, 256, (args.inception_images, dc.image_size, dc.image_size, dc.channels), dtype=np.uint8
+  )
   ib = args.inception_batch
   _, t_first = timed(inc.inception_features, imgs[:ib], variables, batch_size=ib)
   feats, t = timed(inc.inception_features, imgs, variables, batch_size=ib)
-  rows.append(dict(stage="inception", items=len(imgs), seconds=t, per_second=len(imgs) / t,
-                   first_call_seconds=t_first, batch_size=ib, shape=list(imgs.shape[1:]),
-                   weights="random (speed only)"))
+  rows.append(
+    dict(
+      stage="inception",
+      items=len(imgs),
+      seconds=t,
+      per_second=len(imgs) / t,
+      first_call_seconds=t_first,
+      batch_size=ib,
+      shape=list(imgs.shape[1:]),
+      weights="random (speed only)",
+    )
+  )
 
   # Domain classifier features (Fashion-MNIST shape).
   cls_family, cls_params, _ = evaluator.domain_classifier()
@@ -130,40 +150,70 @@ def main():
   dm = DomainMetrics(cls_family, cls_params, dom[:500])  # compiles; real set = 500 random images
   t_first = time.perf_counter() - t0
   _, t = timed(dm.features, dom)
-  rows.append(dict(stage="domain", items=len(dom), seconds=t, per_second=len(dom) / t,
-                   first_call_seconds=t_first, batch_size=dm.batch_size, shape=[32, 32, 1]))
+  rows.append(
+    dict(
+      stage="domain",
+      items=len(dom),
+      seconds=t,
+      per_second=len(dom) / t,
+      first_call_seconds=t_first,
+      batch_size=dm.batch_size,
+      shape=[32, 32, 1],
+    )
+  )
 
   # Frechet distance of 2048-d statistics from N samples: full D x D path vs the small-N path.
   pool = rs.randn(args.num_samples, inc.POOL_DIM)
   ref = em.feature_stats(rs.randn(args.num_samples + 7, inc.POOL_DIM))
   full, t_full = timed(lambda: em.frechet_distance(*em.feature_stats(pool), *ref))
   fast, t_fast = timed(evaluator.frechet_distance_to_stats, pool, *ref)
-  rows.append(dict(stage="fid_2048", items=1, seconds=t_full, per_second=1 / t_full,
-                   small_n_path_seconds=t_fast, n=args.num_samples,
-                   abs_difference=abs(full - fast)))
+  rows.append(
+    dict(
+      stage="fid_2048",
+      items=1,
+      seconds=t_full,
+      per_second=1 / t_full,
+      small_n_path_seconds=t_fast,
+      n=args.num_samples,
+      abs_difference=abs(full - fast),
+    )
+  )
 
   print(f"device: {jax.devices()[0]} x{jax.device_count()}  config: {args.config}")
   print("Inception weights are random: the inception row measures speed only.")
   print(f"{'stage':<10} {'items':>6} {'seconds':>9} {'items/s':>9} {'compile+1st (s)':>16}")
   for r in rows:
-    print(f"{r['stage']:<10} {r['items']:>6} {r['seconds']:>9.2f} {r['per_second']:>9.2f} "
-          f"{r.get('first_call_seconds', float('nan')):>16.2f}")
+    print(
+      f"{r['stage']:<10} {r['items']:>6} {r['seconds']:>9.2f} {r['per_second']:>9.2f} "
+      f"{r.get('first_call_seconds', float('nan')):>16.2f}"
+    )
   fid = rows[-1]
-  print(f"fid_2048 small-N path: {fid['small_n_path_seconds']:.3f} s "
-        f"(|difference| {fid['abs_difference']:.2e})")
+  print(
+    f"fid_2048 small-N path: {fid['small_n_path_seconds']:.3f} s "
+    f"(|difference| {fid['abs_difference']:.2e})"
+  )
 
   import flax
 
   meta = dict(
-    device=str(jax.devices()[0]), device_kind=getattr(jax.devices()[0], "device_kind", None),
-    device_count=jax.device_count(), backend=jax.default_backend(), config=args.config,
-    jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-    flax=flax.__version__, numpy=np.__version__, python=platform.python_version(),
-    platform=platform.platform(), cpu_count=os.cpu_count(),
+    device=str(jax.devices()[0]),
+    device_kind=getattr(jax.devices()[0], "device_kind", None),
+    device_count=jax.device_count(),
+    backend=jax.default_backend(),
+    config=args.config,
+    jax=jax.__version__,
+    jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+    flax=flax.__version__,
+    numpy=np.__version__,
+    python=platform.python_version(),
+    platform=platform.platform(),
+    cpu_count=os.cpu_count(),
     note="inception weights are random (speed only); generator params are randomly initialised",
-    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"eval_speed_{device_name()}.json")
+    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  )
+  out = args.out or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", f"eval_speed_{device_name()}.json"
+  )
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)

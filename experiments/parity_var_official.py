@@ -29,7 +29,8 @@ def _official_imports(reference: str):
   sys.path.insert(0, reference)
   hub = types.ModuleType("huggingface_hub")  # only used for the Hub mixin (downloads)
   hub.PyTorchModelHubMixin = type(
-    "PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)})
+    "PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)}
+  )
   sys.modules.setdefault("huggingface_hub", hub)
 
 
@@ -40,8 +41,14 @@ def _official(reference: str, depth: int):
   from models import build_vae_var  # noqa: E402  (the official package)
 
   torch.manual_seed(0)
-  vae, var = build_vae_var(device="cpu", depth=depth, shared_aln=False, init_adaln_gamma=0.5,
-                           flash_if_available=False, fused_if_available=False)
+  vae, var = build_vae_var(
+    device="cpu",
+    depth=depth,
+    shared_aln=False,
+    init_adaln_gamma=0.5,
+    flash_if_available=False,
+    fused_if_available=False,
+  )
   # build_vae_var disables torch's default init for speed and loads weights afterwards; give the
   # VAE seeded random weights (fan-in scaled) so every layer is exercised.
   g = torch.Generator().manual_seed(1)
@@ -49,7 +56,7 @@ def _official(reference: str, depth: int):
     for name, p in vae.named_parameters():
       if p.ndim >= 2:
         fan_in = p[0].numel()
-        p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+        p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
       elif name.endswith("weight"):  # GroupNorm scales
         p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
       else:
@@ -68,24 +75,52 @@ def dump_keys(reference: str, out: str):
   _official_imports(reference)
   from models import VAR, VQVAE
 
-  for clz in (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv2d, torch.nn.Embedding,
-              torch.nn.GroupNorm):
+  for clz in (
+    torch.nn.Linear,
+    torch.nn.LayerNorm,
+    torch.nn.Conv2d,
+    torch.nn.Embedding,
+    torch.nn.GroupNorm,
+  ):
     clz.reset_parameters = lambda self: None  # shapes only: skip the (slow) default init
   tables = {}
-  for name, kw in dict(vae_full=dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
-                                     v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
-                       vae_small=dict(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4,
-                                      v_patch_nums=(1, 2, 4))).items():
+  for name, kw in dict(
+    vae_full=dict(
+      vocab_size=4096,
+      z_channels=32,
+      ch=160,
+      share_quant_resi=4,
+      v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+    ),
+    vae_small=dict(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=(1, 2, 4)),
+  ).items():
     vae = VQVAE(test_mode=True, **kw)
     tables[name] = {k: list(v.shape) for k, v in vae.state_dict().items()}
     if name == "vae_full":
       for depth in (16, 30):
-        var = VAR(vae, num_classes=1000, depth=depth, embed_dim=64 * depth, num_heads=depth,
-                  attn_l2_norm=True, flash_if_available=False, fused_if_available=False)
+        var = VAR(
+          vae,
+          num_classes=1000,
+          depth=depth,
+          embed_dim=64 * depth,
+          num_heads=depth,
+          attn_l2_norm=True,
+          flash_if_available=False,
+          fused_if_available=False,
+        )
         tables[f"var_d{depth}"] = {k: list(v.shape) for k, v in var.state_dict().items()}
     else:
-      var = VAR(vae, num_classes=10, depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 4),
-                attn_l2_norm=True, flash_if_available=False, fused_if_available=False)
+      var = VAR(
+        vae,
+        num_classes=10,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        patch_nums=(1, 2, 4),
+        attn_l2_norm=True,
+        flash_if_available=False,
+        fused_if_available=False,
+      )
       tables["var_small"] = {k: list(v.shape) for k, v in var.state_dict().items()}
   with open(out, "w") as f:
     json.dump(tables, f, indent=0, sort_keys=True)
@@ -125,7 +160,9 @@ def main():
   # 1. tokenizer: image -> multi-scale indices
   rng = np.random.default_rng(0)
   img = rng.uniform(-1, 1, (args.batch, 3, 32, 32)).astype(np.float32)
-  img = torch.nn.functional.interpolate(torch.from_numpy(img), size=(256, 256), mode="bilinear").numpy()
+  img = torch.nn.functional.interpolate(
+    torch.from_numpy(img), size=(256, 256), mode="bilinear"
+  ).numpy()
   idx_t = vae.img_to_idxBl(torch.from_numpy(img))
   idx_j = tok.encode_idx(tok_params, jnp.asarray(img.transpose(0, 2, 3, 1)))
   agree = [float(np.mean(np.asarray(a) == b.numpy())) for a, b in zip(idx_j, idx_t, strict=True)]
@@ -153,8 +190,9 @@ def main():
   rows["logits_argmax_agreement"] = float(np.mean(lg_j.argmax(-1) == lg_t.argmax(-1)))
 
   # 5. greedy CFG sampling end to end (top_k=1 makes both samplers deterministic)
-  s_t = var.autoregressive_infer_cfg(args.batch, torch.from_numpy(labels), g_seed=0, cfg=1.5,
-                                     top_k=1, top_p=0.0, more_smooth=False)
+  s_t = var.autoregressive_infer_cfg(
+    args.batch, torch.from_numpy(labels), g_seed=0, cfg=1.5, top_k=1, top_p=0.0, more_smooth=False
+  )
   s_t = np.round(s_t.numpy().transpose(0, 2, 3, 1) * 255).astype(np.int32)
   s_j = fam.sample(params, jnp.asarray(labels), jax.random.key(0), cfg=1.5, top_k=1, top_p=0.0)
   diff = np.abs(np.asarray(s_j).astype(np.int32) - s_t)
@@ -164,9 +202,13 @@ def main():
   n_params = sum(p.numel() for p in var.parameters())
   result = dict(
     what="arvision VAR/VQVAE vs official FoundationVision/VAR, same random weights, CPU fp32",
-    depth=args.depth, batch=args.batch, official_var_params=int(n_params),
+    depth=args.depth,
+    batch=args.batch,
+    official_var_params=int(n_params),
     arvision_var_params=int(sum(np.size(x) for x in jax.tree.leaves(var_params))),
-    results=rows, seconds=round(time.time() - t0, 1), device=str(jax.devices()[0]),
+    results=rows,
+    seconds=round(time.time() - t0, 1),
+    device=str(jax.devices()[0]),
     versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
   )
   print(json.dumps(result, indent=2))

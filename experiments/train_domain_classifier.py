@@ -10,7 +10,6 @@ unchanged, and otherwise retrains and caches) and `experiments/results/domain_cl
 
 import argparse
 import json
-import os
 import platform
 
 import jax
@@ -25,15 +24,21 @@ from arvision.train import train
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", default="runs/classifier")
-  ap.add_argument("--floor_samples", default="1000,2000,10000",
-                  help="sizes of the train subsets scored against the test split (FD is biased at small N)")
+  ap.add_argument(
+    "--floor_samples",
+    default="1000,2000,10000",
+    help="sizes of the train subsets scored against the test split (FD is biased at small N)",
+  )
   args = ap.parse_args()
   config = config_util.load_config_file(evaluator.DOMAIN_CLASSIFIER)
   metrics = train(config, args.workdir) or {}
   loaded = ckpt_lib.load_params(args.workdir)
   params = loaded.get("ema", loaded["params"])
-  np.savez_compressed(evaluator.PACKAGED_CLASSIFIER, __config_sha__=evaluator.config_sha(config),
-                      **{k: np.asarray(v) for k, v in flatten(params).items()})
+  np.savez_compressed(
+    evaluator.PACKAGED_CLASSIFIER,
+    __config_sha__=evaluator.config_sha(config),
+    **{k: np.asarray(v) for k, v in flatten(params).items()},
+  )
   family = families.build(config)
   accuracy = evaluator.eval_classifier(family, params, config)["accuracy"]
 
@@ -48,9 +53,14 @@ def main():
     pick = np.random.default_rng(0).permutation(len(train_y))[:n]
     floors[str(n)] = {k: float(v) for k, v in dm.floor(train_x[pick], train_y[pick]).items()}
   result = dict(
-    config="configs/classifier.py:fmnist", test_accuracy=accuracy, steps=config.total_steps,
-    final_eval=metrics, floor_train_vs_test=floors, device=str(jax.devices()[0]),
-    versions=dict(jax=jax.__version__, python=platform.python_version()))
+    config="configs/classifier.py:fmnist",
+    test_accuracy=accuracy,
+    steps=config.total_steps,
+    final_eval=metrics,
+    floor_train_vs_test=floors,
+    device=str(jax.devices()[0]),
+    versions=dict(jax=jax.__version__, python=platform.python_version()),
+  )
   print(json.dumps(result, indent=2))
   with open("experiments/results/domain_classifier.json", "w") as f:
     json.dump(result, f, indent=2)

@@ -324,7 +324,9 @@ def test_auto_on_cpu_is_xla_and_dispatch_errors():
   for impl in ("pallas", "splash"):  # the kernels (interpret mode on CPU) behind the same call
     np.testing.assert_allclose(
       np.asarray(attention(q, k, v, mask=spec, impl=impl)),
-      np.asarray(attention(q, k, v, mask=spec, impl="xla")), atol=1e-5)
+      np.asarray(attention(q, k, v, mask=spec, impl="xla")),
+      atol=1e-5,
+    )
   assert set(SUPPORTS) == {"xla", "cudnn", "pallas", "splash"}
   # cuDNN refuses masks that need a dense bias, float32, offsets, and names the alternatives.
   with pytest.raises(ValueError, match="cudnn supports full and causal.*impl='xla'"):

@@ -59,8 +59,11 @@ def test_lr_scaling_batch256_and_bad_values():
 
 
 def test_decay_mask_skips_1d_and_patterns():
-  params = {"blk": {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}},
-            "pos_1LC": jnp.ones((1, 4, 3)), "lvl_embed": {"embedding": jnp.ones((2, 3))}}
+  params = {
+    "blk": {"dense": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}},
+    "pos_1LC": jnp.ones((1, 4, 3)),
+    "lvl_embed": {"embedding": jnp.ones((2, 3))},
+  }
   m = optim.decay_mask(params, ("pos_", "lvl_embed"))
   assert m["blk"]["dense"]["kernel"] and not m["blk"]["dense"]["bias"]
   assert not m["pos_1LC"] and not m["lvl_embed"]["embedding"]
@@ -80,9 +83,21 @@ def test_weight_decay_applies_only_to_masked():
 def test_cli_override_typo_is_an_error(tmp_path):
   """`--config.optim.lrr=...` must fail naming the field; nothing is written."""
   r = subprocess.run(
-    [sys.executable, "-m", "arvision.cli", "train", "--config", "configs/tokenizer.py:smoke",
-     "--config.optim.lrr=0.1", "--workdir", str(tmp_path / "w")],
-    capture_output=True, text=True, cwd=config_util.CONFIG_DIR + "/..")
+    [
+      sys.executable,
+      "-m",
+      "arvision.cli",
+      "train",
+      "--config",
+      "configs/tokenizer.py:smoke",
+      "--config.optim.lrr=0.1",
+      "--workdir",
+      str(tmp_path / "w"),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=config_util.CONFIG_DIR + "/..",
+  )
   assert r.returncode != 0
   assert "lrr" in r.stderr
   assert not (tmp_path / "w").exists()

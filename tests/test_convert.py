@@ -78,21 +78,29 @@ def test_layouts_of_converted_small_models():
   tok_params, _ = cv.convert_vae(sd_vae, _small_tok_config())
   ae = tok_params["ae"]
   w = sd_vae["encoder.down.0.block.1.conv1.weight"]  # OIHW
-  np.testing.assert_array_equal(ae["encoder"]["down_0"]["block_1"]["conv1"]["kernel"],
-                                w.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    ae["encoder"]["down_0"]["block_1"]["conv1"]["kernel"], w.transpose(2, 3, 1, 0)
+  )
   np.testing.assert_array_equal(ae["quantize"]["embedding"], sd_vae["quantize.embedding.weight"])
-  np.testing.assert_array_equal(ae["quantize"]["quant_resi_3"]["bias"],
-                                sd_vae["quantize.quant_resi.qresi_ls.3.bias"])
-  np.testing.assert_array_equal(ae["decoder"]["norm_out"]["scale"], sd_vae["decoder.norm_out.weight"])
+  np.testing.assert_array_equal(
+    ae["quantize"]["quant_resi_3"]["bias"], sd_vae["quantize.quant_resi.qresi_ls.3.bias"]
+  )
+  np.testing.assert_array_equal(
+    ae["decoder"]["norm_out"]["scale"], sd_vae["decoder.norm_out.weight"]
+  )
 
   sd = _random_sd(TABLES["var_small"], 2)
   p = cv.convert_var(sd, _small_var_config())
-  np.testing.assert_array_equal(p["blocks_1"]["attn"]["mat_qkv"]["kernel"],
-                                sd["blocks.1.attn.mat_qkv.weight"].T)
-  np.testing.assert_array_equal(p["blocks_0"]["attn"]["scale_mul"],
-                                sd["blocks.0.attn.scale_mul_1H11"].reshape(-1))
+  np.testing.assert_array_equal(
+    p["blocks_1"]["attn"]["mat_qkv"]["kernel"], sd["blocks.1.attn.mat_qkv.weight"].T
+  )
+  np.testing.assert_array_equal(
+    p["blocks_0"]["attn"]["scale_mul"], sd["blocks.0.attn.scale_mul_1H11"].reshape(-1)
+  )
   # the fused AdaLN output keeps the official chunk order (gamma1, gamma2, scale1, ...)
-  np.testing.assert_array_equal(p["blocks_0"]["ada_lin"]["kernel"], sd["blocks.0.ada_lin.1.weight"].T)
+  np.testing.assert_array_equal(
+    p["blocks_0"]["ada_lin"]["kernel"], sd["blocks.0.ada_lin.1.weight"].T
+  )
   np.testing.assert_array_equal(p["class_emb"]["embedding"], sd["class_emb.weight"])
   np.testing.assert_array_equal(p["pos_1LC"], sd["pos_1LC"])
 
@@ -100,12 +108,14 @@ def test_layouts_of_converted_small_models():
 def test_round_trip_back_to_official_keys():
   sd = _random_sd(TABLES["var_small"], 3)
   p = cv.convert_var(sd, _small_var_config())
-  back = common.to_state_dict(p, renames=[(r"\.ada_lin\.", ".ada_lin.1."),
-                                          (r"\.scale_mul$", ".scale_mul_1H11")])
+  back = common.to_state_dict(
+    p, renames=[(r"\.ada_lin\.", ".ada_lin.1."), (r"\.scale_mul$", ".scale_mul_1H11")]
+  )
   for k, v in back.items():
     np.testing.assert_array_equal(v.reshape(sd[k].shape), sd[k], err_msg=k)
-  assert set(sd) - set(back) == {k for k in sd if k.endswith(("lvl_1L", "attn_bias_for_masking",
-                                                             "zero_k_bias"))}
+  assert set(sd) - set(back) == {
+    k for k in sd if k.endswith(("lvl_1L", "attn_bias_for_masking", "zero_k_bias"))
+  }
 
 
 def test_unknown_missing_and_mismatched_keys_are_named():
@@ -124,8 +134,13 @@ def test_unknown_missing_and_mismatched_keys_are_named():
 
 def test_unwrap_layouts():
   sd = {"a.weight": np.ones(2, np.float32)}
-  for wrapped in (sd, {"model": sd}, {"module": sd}, {"state_dict": sd},
-                  {"module.a.weight": sd["a.weight"]}):
+  for wrapped in (
+    sd,
+    {"model": sd},
+    {"module": sd},
+    {"state_dict": sd},
+    {"module.a.weight": sd["a.weight"]},
+  ):
     assert list(common.unwrap_state_dict(wrapped)) == ["a.weight"]
   with pytest.raises(ValueError, match="state dict"):
     common.unwrap_state_dict({"epoch": 3})

@@ -118,8 +118,14 @@ def generator():
 def _samples(family, params, config):
   """What `run` generates for `config` (same labels, seed and mesh)."""
   labels = evaluator.balanced_labels(config.eval.num_samples, config.data.num_classes)
-  return evaluator.generate(family, params, labels, config.eval.batch_size, seed=config.seed,
-                            mesh=parallel.make_mesh(config.mesh))
+  return evaluator.generate(
+    family,
+    params,
+    labels,
+    config.eval.batch_size,
+    seed=config.seed,
+    mesh=parallel.make_mesh(config.mesh),
+  )
 
 
 def _read(out_dir):
@@ -134,11 +140,20 @@ def test_fid_sfid_is_pr_against_adm_reference(generator, weights_path, tmp_path)
   feats = inc.inception_features(images, weights_path, batch_size=8)
   # Reference = the very samples the eval generates: FID and sFID ~ 0, P = R = 1.
   same = str(tmp_path / "same.npz")
-  npz.save_reference_stats(same, *em.feature_stats(feats["pool"]),
-                           *em.feature_stats(feats["spatial"]), arr_0=images)
+  npz.save_reference_stats(
+    same, *em.feature_stats(feats["pool"]), *em.feature_stats(feats["spatial"]), arr_0=images
+  )
   out = str(tmp_path / "eval_same")
-  m = evaluator.run(family, params, config, str(tmp_path), step=3, out_dir=out,
-                    inception_weights=weights_path, reference=same)
+  m = evaluator.run(
+    family,
+    params,
+    config,
+    str(tmp_path),
+    step=3,
+    out_dir=out,
+    inception_weights=weights_path,
+    reference=same,
+  )
   record = _read(out)
   for k in ("fid", "sfid", "is", "is_std", "precision", "recall"):
     assert k in record["metrics"] and np.isfinite(record["metrics"][k]), k
@@ -163,10 +178,19 @@ def test_fid_sfid_is_pr_against_adm_reference(generator, weights_path, tmp_path)
   f2 = inc.inception_features(other_imgs, weights_path, batch_size=8)
   other = str(tmp_path / "other.npz")
   npz.save_reference_stats(other, *em.feature_stats(f2["pool"]), arr_0=other_imgs)
-  m2 = evaluator.run(family, params, config, str(tmp_path), step=3, out_dir=str(tmp_path / "e2"),
-                     inception_weights=weights_path, reference=other)
+  m2 = evaluator.run(
+    family,
+    params,
+    config,
+    str(tmp_path),
+    step=3,
+    out_dir=str(tmp_path / "e2"),
+    inception_weights=weights_path,
+    reference=other,
+  )
   assert m2["fid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(feats["pool"], *em.feature_stats(f2["pool"])), rel=1e-6)
+    evaluator.frechet_distance_to_stats(feats["pool"], *em.feature_stats(f2["pool"])), rel=1e-6
+  )
   assert m2["fid"] > 100 * max(abs(m["fid"]), 1e-3)
   p, r = em.precision_recall(f2["pool"], feats["pool"], k=3)
   assert "sfid" not in m2 and (m2["precision"], m2["recall"]) == (p, r)
@@ -192,26 +216,50 @@ def test_missing_reference_keys_fail_before_sampling(generator, weights_path, tm
   np.savez(bad, mu=np.zeros(inc.POOL_DIM))
   out = str(tmp_path / "eval")
   with pytest.raises(KeyError, match=r"missing reference key\(s\) \['sigma'\]"):
-    evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=out,
-                  inception_weights=weights_path, reference=bad)
+    evaluator.run(
+      family,
+      params,
+      config,
+      str(tmp_path),
+      step=0,
+      out_dir=out,
+      inception_weights=weights_path,
+      reference=bad,
+    )
   assert not os.path.exists(os.path.join(out, "samples.npz"))
   wrong = str(tmp_path / "wrong.npz")
   npz.save_reference_stats(wrong, np.zeros(64), np.eye(64))
   with pytest.raises(ValueError, match=r"'mu' has shape \(64,\)"):
-    evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=out,
-                  inception_weights=weights_path, reference=wrong)
+    evaluator.run(
+      family,
+      params,
+      config,
+      str(tmp_path),
+      step=0,
+      out_dir=out,
+      inception_weights=weights_path,
+      reference=wrong,
+    )
 
 
 def test_weights_errors_and_no_weights(generator, tmp_path):
   family, params, config = generator
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
-    evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "a"),
-                  inception_weights=str(tmp_path / "nope.pth"))
+    evaluator.run(
+      family,
+      params,
+      config,
+      str(tmp_path),
+      step=0,
+      out_dir=str(tmp_path / "a"),
+      inception_weights=str(tmp_path / "nope.pth"),
+    )
   ref = str(tmp_path / "ref.npz")
   npz.save_reference_stats(ref, np.zeros(inc.POOL_DIM), np.eye(inc.POOL_DIM))
   with pytest.raises(ValueError, match="inception_weights"):
-    evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"),
-                  reference=ref)
+    evaluator.run(
+      family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"), reference=ref
+    )
   # No weights (the config default ""): no Inception metrics and no error.
   out = str(tmp_path / "c")
   m = evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=out)
@@ -219,8 +267,9 @@ def test_weights_errors_and_no_weights(generator, tmp_path):
   assert "inception" not in _read(out) and os.path.exists(os.path.join(out, "samples.npz"))
 
 
-def test_eval_split_reference_is_computed_once_and_cached(generator, weights_path, tmp_path,
-                                                          monkeypatch):
+def test_eval_split_reference_is_computed_once_and_cached(
+  generator, weights_path, tmp_path, monkeypatch
+):
   family, params, _ = generator
   monkeypatch.setattr(evaluator, "REFERENCE_MAX_IMAGES", 12)
   config = _config(**{"eval.inception_weights": weights_path})  # the config field works too
@@ -232,11 +281,12 @@ def test_eval_split_reference_is_computed_once_and_cached(generator, weights_pat
   f_real = inc.inception_features(real, weights_path, batch_size=8)
   f_fake = inc.inception_features(_samples(family, params, config), weights_path, batch_size=8)
   assert m["fid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(f_fake["pool"], *em.feature_stats(f_real["pool"])),
-    rel=1e-6)
+    evaluator.frechet_distance_to_stats(f_fake["pool"], *em.feature_stats(f_real["pool"])), rel=1e-6
+  )
   assert m["sfid"] == pytest.approx(
     evaluator.frechet_distance_to_stats(f_fake["spatial"], *em.feature_stats(f_real["spatial"])),
-    rel=1e-6)
+    rel=1e-6,
+  )
   p, r = em.precision_recall(f_real["pool"], f_fake["pool"], k=3)
   assert (m["precision"], m["recall"]) == (p, r)
 
@@ -250,8 +300,15 @@ def test_eval_split_reference_is_computed_once_and_cached(generator, weights_pat
   inc.save_converted(_random_variables(1), str(tmp_path / "w1.npz"))
   monkeypatch.undo()
   monkeypatch.setattr(evaluator, "REFERENCE_MAX_IMAGES", 12)
-  evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "c"),
-                inception_weights=str(tmp_path / "w1.npz"))
+  evaluator.run(
+    family,
+    params,
+    config,
+    str(tmp_path),
+    step=0,
+    out_dir=str(tmp_path / "c"),
+    inception_weights=str(tmp_path / "w1.npz"),
+  )
   assert _read(str(tmp_path / "c"))["inception"]["reference_cache"] != rec["reference_cache"]
 
 
@@ -260,18 +317,33 @@ def test_tokenizer_rfid(weights_path, tmp_path):
   config = _config(**{"data.image_size": 16})  # SSIM's window is 11 pixels
   family = ToyTokenizer(config)
   perfect = family.init(None, None)
-  m = evaluator.run(family, perfect, config, str(tmp_path), step=0, out_dir=str(tmp_path / "a"),
-                    inception_weights=weights_path)
+  m = evaluator.run(
+    family,
+    perfect,
+    config,
+    str(tmp_path),
+    step=0,
+    out_dir=str(tmp_path / "a"),
+    inception_weights=weights_path,
+  )
   assert abs(m["rfid"]) < 1e-2 and m["psnr"] > 60
-  m2 = evaluator.run(family, {"gain": jnp.asarray(0.3)}, config, str(tmp_path), step=0,
-                     out_dir=str(tmp_path / "b"), inception_weights=weights_path)
+  m2 = evaluator.run(
+    family,
+    {"gain": jnp.asarray(0.3)},
+    config,
+    str(tmp_path),
+    step=0,
+    out_dir=str(tmp_path / "b"),
+    inception_weights=weights_path,
+  )
   assert m2["rfid"] > 1.0 and m2["rfid"] > 100 * abs(m["rfid"])
   real = data.load_images(config.data, config.data.eval_split, 8)[0]
   f_real = inc.inception_features(real, weights_path, batch_size=8)["pool"]
   recon = np.clip(np.round((real / 127.5 - 1.0) * 0.3 * 127.5 + 127.5), 0, 255).astype(np.uint8)
   f_recon = inc.inception_features(recon, weights_path, batch_size=8)["pool"]
   assert m2["rfid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(f_recon, *em.feature_stats(f_real)), rel=1e-3)
+    evaluator.frechet_distance_to_stats(f_recon, *em.feature_stats(f_real)), rel=1e-3
+  )
   rec = _read(str(tmp_path / "b"))["inception"]
   assert rec["num_images"] == 8 and "originals" in rec["reference"]
 
@@ -300,10 +372,15 @@ _SHARDED = textwrap.dedent("""
 
 def test_sharded_sampling_matches_one_device(tmp_path):
   out = str(tmp_path / "imgs.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED, out], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED, out],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(out) as f:
     a, b, c = f["a"], f["b"], f["c"]

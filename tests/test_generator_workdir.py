@@ -23,14 +23,16 @@ def test_var_smoke_workdir_trains_loads_samples_and_evaluates(tmp_path):
   assert imgs.dtype == np.uint8
   np.testing.assert_array_equal(imgs, model.sample([0, 1, 2], jax.random.key(0)))
   out = str(tmp_path / "eval")
-  evaluator.run(model.family, model.params, model.config, wd, step=model.step, out_dir=out,
-                num_samples=8)
+  evaluator.run(
+    model.family, model.params, model.config, wd, step=model.step, out_dir=out, num_samples=8
+  )
   with open(os.path.join(out, "metrics.json")) as f:
     rec = json.load(f)
   assert "heldout_loss" in rec["metrics"] and rec["sampling"]["cfg"] == config.sample.cfg
   arr = np.load(os.path.join(out, "samples.npz"))
   assert arr["arr_0"].shape[0] == 8 and sorted(set(arr["labels"].tolist())) == list(
-    range(min(8, config.data.num_classes)))
+    range(min(8, config.data.num_classes))
+  )
   # running the same command again continues (here: nothing left to do) without retraining
   before = checkpoint.Checkpointer(wd).latest_step()
   train.train(config, wd)

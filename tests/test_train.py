@@ -68,8 +68,11 @@ def test_larger_total_steps_continues(tmp_path):
   wd = str(tmp_path / "run")
   train.train(_config(), wd)
   train.train(_config(total_steps=8), wd)
-  steps = [r["step"] for r in metrics_writer.read_jsonl(os.path.join(wd, "metrics.jsonl"))
-           if "train/loss" in r]
+  steps = [
+    r["step"]
+    for r in metrics_writer.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    if "train/loss" in r
+  ]
   assert steps == sorted(steps) and steps[-2:] == [7, 8] and len(steps) == len(set(steps))
 
 
@@ -95,9 +98,24 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   cfg = os.path.join(HERE, "toy_family.py")
   env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen(
-    [sys.executable, "-m", "arvision.cli", "train", "--config", cfg, "--workdir", wd,
-     "--config.total_steps=100000", "--config.checkpoint_every=0", "--config.log_every=1"],
-    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "arvision.cli",
+      "train",
+      "--config",
+      cfg,
+      "--workdir",
+      wd,
+      "--config.total_steps=100000",
+      "--config.checkpoint_every=0",
+      "--config.log_every=1",
+    ],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 120
   while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):

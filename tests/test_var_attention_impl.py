@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-
 from test_var import make_family, make_params, random_images  # shared helpers
 
 

@@ -25,7 +25,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError("reading PyTorch checkpoints needs torch: pip install 'arvision[convert]'") from e
+    raise ImportError(
+      "reading PyTorch checkpoints needs torch: pip install 'arvision[convert]'"
+    ) from e
   obj = torch.load(path, map_location="cpu", weights_only=False)
   return unwrap_state_dict(obj, path)
 
@@ -41,9 +43,11 @@ def unwrap_state_dict(obj, what: str = "checkpoint") -> dict[str, np.ndarray]:
   out = {}
   for k, v in obj.items():
     if not hasattr(v, "shape"):
-      raise ValueError(f"{what}: not a state dict of tensors: entry {k!r} is a "
-                       f"{type(v).__name__} (wrappers understood: {CHECKPOINT_WRAPPERS})")
-    out[k[len("module."):] if k.startswith("module.") else k] = _to_numpy(v)
+      raise ValueError(
+        f"{what}: not a state dict of tensors: entry {k!r} is a "
+        f"{type(v).__name__} (wrappers understood: {CHECKPOINT_WRAPPERS})"
+      )
+    out[k[len("module.") :] if k.startswith("module.") else k] = _to_numpy(v)
   return out
 
 
@@ -57,8 +61,10 @@ def _to_numpy(v) -> np.ndarray:
 
 
 def flatten(tree, sep: str = "/") -> dict[str, object]:
-  return {sep.join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    sep.join(str(getattr(k, "key", k)) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def unflatten(flat: Mapping[str, object], sep: str = "/") -> dict:
@@ -93,14 +99,21 @@ def _leaf(torch_value: np.ndarray, flax_shape: tuple, kind: str, key: str) -> np
     if v.size == int(np.prod(flax_shape)) and kind not in ("kernel",):
       v = v.reshape(flax_shape)  # e.g. scale_mul_1H11 [1,H,1,1] -> [H]
     else:
-      raise ValueError(f"shape mismatch for {key!r}: checkpoint {torch_value.shape} "
-                       f"-> {v.shape}, model expects {tuple(flax_shape)}")
+      raise ValueError(
+        f"shape mismatch for {key!r}: checkpoint {torch_value.shape} "
+        f"-> {v.shape}, model expects {tuple(flax_shape)}"
+      )
   return v
 
 
-def convert(state_dict: Mapping[str, np.ndarray], abstract_params, *,
-            renames: Iterable[tuple[str, str]] = (), skip: Iterable[str] = (),
-            what: str = "checkpoint") -> dict:
+def convert(
+  state_dict: Mapping[str, np.ndarray],
+  abstract_params,
+  *,
+  renames: Iterable[tuple[str, str]] = (),
+  skip: Iterable[str] = (),
+  what: str = "checkpoint",
+) -> dict:
   """Maps a torch state dict onto the structure of `abstract_params` (numpy leaves, f32)."""
   expected = {k: tuple(v.shape) for k, v in flatten(abstract_params).items()}
   skip_res = [re.compile(s) for s in skip]
@@ -114,8 +127,11 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract_params, *,
       name = pattern.sub(repl, name)
     path = _fuse_indices(name)
     prefix, _, leaf = path.rpartition("/")
-    candidates = ([f"{prefix}/{k}" if prefix else k for k in ("kernel", "embedding", "scale")]
-                  if leaf == "weight" else [path])
+    candidates = (
+      [f"{prefix}/{k}" if prefix else k for k in ("kernel", "embedding", "scale")]
+      if leaf == "weight"
+      else [path]
+    )
     found = [c for c in candidates if c in expected]
     if not found:
       unknown.append(f"{tkey} (-> {candidates[0]})")
@@ -124,14 +140,19 @@ def convert(state_dict: Mapping[str, np.ndarray], abstract_params, *,
     if fkey in out:
       raise ValueError(f"{what}: two checkpoint keys map to {fkey!r} (second: {tkey!r})")
     out[fkey] = _leaf(value, expected[fkey], fkey.rpartition("/")[2], tkey).astype(
-      np.float32, copy=False)
+      np.float32, copy=False
+    )
   if unknown:
-    raise ValueError(f"{what}: {len(unknown)} checkpoint keys do not belong to the model, e.g. "
-                     f"{unknown[:5]} (wrong model or config?)")
+    raise ValueError(
+      f"{what}: {len(unknown)} checkpoint keys do not belong to the model, e.g. "
+      f"{unknown[:5]} (wrong model or config?)"
+    )
   missing = sorted(set(expected) - set(out))
   if missing:
-    raise ValueError(f"{what}: {len(missing)} model params are missing from the checkpoint, e.g. "
-                     f"{missing[:5]} (wrong model or config?)")
+    raise ValueError(
+      f"{what}: {len(missing)} model params are missing from the checkpoint, e.g. "
+      f"{missing[:5]} (wrong model or config?)"
+    )
   return unflatten(out)
 
 
@@ -145,7 +166,9 @@ def to_state_dict(params, *, renames: Iterable[tuple[str, str]] = ()) -> dict[st
     if leaf == "kernel":
       v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
     tleaf = "weight" if leaf in ("kernel", "embedding", "scale") else leaf
-    key = re.sub(r"_(\d+)(?=/|$)", r".\1", f"{prefix}/{tleaf}" if prefix else tleaf).replace("/", ".")
+    key = re.sub(r"_(\d+)(?=/|$)", r".\1", f"{prefix}/{tleaf}" if prefix else tleaf).replace(
+      "/", "."
+    )
     for pattern, repl in renames:
       key = pattern.sub(repl, key)
     out[key] = v

@@ -44,8 +44,13 @@ def convert_vae(state_dict: dict, config=None) -> tuple[dict, mlc.ConfigDict]:
   """VAR's VQVAE state dict -> (tokenizer params `{"ae": ...}`, tokenizer config)."""
   config = config or vae_config()
   family = families.build(config)
-  ae = common.convert(state_dict, family.abstract_params()["ae"], renames=VAE_RENAMES,
-                      skip=VAE_SKIP, what="VAR VQVAE checkpoint")
+  ae = common.convert(
+    state_dict,
+    family.abstract_params()["ae"],
+    renames=VAE_RENAMES,
+    skip=VAE_SKIP,
+    what="VAR VQVAE checkpoint",
+  )
   return {"ae": ae}, config
 
 
@@ -63,8 +68,9 @@ def convert_var(state_dict: dict, config) -> dict:
   """VAR transformer state dict -> VAR params (the tokenizer is converted separately)."""
   tokenizer = families.build(config.tokenizer.config)
   family = families.build(config, tokenizer=tokenizer)
-  return common.convert(state_dict, family.abstract_params(), renames=VAR_RENAMES, skip=VAR_SKIP,
-                        what="VAR checkpoint")
+  return common.convert(
+    state_dict, family.abstract_params(), renames=VAR_RENAMES, skip=VAR_SKIP, what="VAR checkpoint"
+  )
 
 
 def _tokenizer_from(vae: str):
@@ -91,4 +97,3 @@ def main_var(path: str, out: str, vae: str) -> str:
   params = convert_var(sd, config)
   ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
   return out
-

@@ -11,6 +11,11 @@ from arvision.parallel.mesh import (
 )
 
 __all__ = [
-  "AXES", "STRATEGIES", "batch_sharding", "global_batch", "make_mesh", "replicated",
+  "AXES",
+  "STRATEGIES",
+  "batch_sharding",
+  "global_batch",
+  "make_mesh",
+  "replicated",
   "state_shardings",
 ]

@@ -29,7 +29,8 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
     raise ValueError(
-      f"config.mesh={dict(mesh_config)} uses {math.prod(sizes)} devices, but {num_devices} exist")
+      f"config.mesh={dict(mesh_config)} uses {math.prod(sizes)} devices, but {num_devices} exist"
+    )
   return tuple(sizes)
 
 
@@ -51,8 +52,10 @@ def state_shardings(abstract_state, mesh, sharding_config):
   """A sharding for every leaf of the (abstract) train state under `sharding.strategy`."""
   strategy = sharding_config.strategy
   if strategy not in STRATEGIES:
-    raise ValueError(f"config.sharding.strategy={strategy!r} is not available; accepted: "
-                     f"{STRATEGIES} (fsdp/tp/fsdp_tp/hsdp come with the sharding issue)")
+    raise ValueError(
+      f"config.sharding.strategy={strategy!r} is not available; accepted: "
+      f"{STRATEGIES} (fsdp/tp/fsdp_tp/hsdp come with the sharding issue)"
+    )
   return jax.tree.map(lambda _: replicated(mesh), abstract_state)
 
 
@@ -60,4 +63,5 @@ def global_batch(local_batch: dict, mesh) -> dict:
   """Assembles each process's slice of the batch into one global array sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
