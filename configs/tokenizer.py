@@ -70,7 +70,7 @@ _256 = dict(
 )
 
 VARIANTS = {
-  # 1300 steps: 24.5+ dB test PSNR; 1500 steps gave 24.68 dB (runs/quickstart, in the notes).
+  # 1300 steps fit the quickstart budget (1500 steps gave 24.68 dB test PSNR).
   "fmnist_msvq": dict(arch=dict(), loss=dict(), train=dict(total_steps=1300)),
   "fmnist_vq": dict(
     arch=dict(
