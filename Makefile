@@ -6,7 +6,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QUICKSTART ?= runs/quickstart
 
-.PHONY: setup data quickstart test lint clean
+.PHONY: setup data quickstart test test-slow lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ quickstart: setup data
 
 test: setup data
 	$(BIN)/ruff check arvision configs experiments tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# Minutes-long checks (e.g. the domain classifier reaching >= 90% on Fashion-MNIST).
+test-slow: setup data
+	$(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
 	$(BIN)/ruff check arvision configs experiments tests
