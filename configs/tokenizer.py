@@ -70,7 +70,7 @@ _256 = dict(
 )
 
 VARIANTS = {
-  # 1300 steps fit the quickstart budget (1500 steps gave 24.68 dB test PSNR).
+  # 1300 steps fit the quickstart budget (test PSNR: experiments/results/quickstart_cpu.json).
   "fmnist_msvq": dict(arch=dict(), loss=dict(), train=dict(total_steps=1300)),
   "fmnist_vq": dict(
     arch=dict(

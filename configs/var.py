@@ -56,8 +56,8 @@ VAR_MODELS = {
 # Small variants: explicit sizes (width/heads override the 64*depth / depth rule).
 SMALL_MODELS = {
   "fmnist": dict(
-    # ~1.3M params, L=130 tokens: ~43 GFLOP per step (batch 64, fwd+bwd), 1.3 s/step on a free
-    # 2-core CPU (compute-bound), so 950 steps take ~12.5 minutes.
+    # ~1.3M params, L=130 tokens; 950 steps fit the quickstart's 20-minute budget on a 2-core CPU
+    # (steps/s are in the run's metrics.jsonl).
     tokenizer="tokenizer.py:fmnist_msvq",
     depth=4,
     width=128,
@@ -68,8 +68,7 @@ SMALL_MODELS = {
     warmup_steps=60,
     alng=1e-3,
     drop_path_rate=0.0,
-    # cfg swept on a trained quickstart model (1000 samples): 0 / 1 / 2 / 3 / 4 gave fd_fmnist
-    # 46.6 / 32.0 / 25.1 / 23.2 / 24.1 and class_accuracy 0.74 / 0.82 / 0.86 / 0.89 / 0.89.
+    # cfg chosen with experiments/sweep_cfg.py on the quickstart model (results/sweep_cfg_quickstart.json).
     sample=dict(cfg=3.0, top_k=0, top_p=0.96),
   ),
   "smoke": dict(
