@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from arvision.kernels.chunked import reference
+from arvision.kernels.common import resolve_interpret
 from arvision.kernels.scalewise.kernel_gpu import scalewise_attention
 from arvision.ops import masks as masks_lib
 
@@ -221,5 +222,5 @@ def hybrid_chunk_attention(
   if lowering == "auto":
     lowering = "tpu" if jax.default_backend() == "tpu" else "gpu"
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  interpret = resolve_interpret(interpret)
   return _hybrid(q, k, v, decay_H, int(chunk), phi, scale, lowering, interpret)

@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from arvision.kernels.common import cdiv, resolve_interpret
 from arvision.ops import masks as masks_lib
 
 DEFAULT_BLOCK = 64
@@ -74,10 +75,6 @@ class TileTables:
     return {"full": full, "partial": visited - full, "skipped": total - visited, "total": total}
 
 
-def _cdiv(a, b):
-  return -(-a // b)
-
-
 def tile_tables(
   mask, q_len, kv_len, *, q_offset=0, block_q, block_k, q_len_padded=None, kv_len_padded=None
 ) -> TileTables:
@@ -96,8 +93,8 @@ def tile_tables(
     `[lo, hi)` covers every visible key of every row, `[full_lo, full_hi)` holds only tiles that
     every row sees entirely.
   """
-  q_len_padded = q_len_padded or _cdiv(q_len, block_q) * block_q
-  kv_len_padded = kv_len_padded or _cdiv(kv_len, block_k) * block_k
+  q_len_padded = q_len_padded or cdiv(q_len, block_q) * block_q
+  kv_len_padded = kv_len_padded or cdiv(kv_len, block_k) * block_k
   nq, nk = q_len_padded // block_q, kv_len_padded // block_k
   rows = np.arange(q_offset, q_offset + q_len_padded, dtype=np.int64)
   start, end = mask.kv_range(rows, kv_len)
@@ -109,8 +106,8 @@ def tile_tables(
   s_lo = np.where(empty, big, start).reshape(nq, block_q).min(1)
   e_hi = np.where(empty, -1, end).reshape(nq, block_q).max(1)
   lo = np.where(e_hi > s_lo, s_lo // block_k, 0)
-  hi = np.where(e_hi > s_lo, _cdiv(e_hi, block_k), 0)
-  full_lo = _cdiv(np.where(empty, big, start).reshape(nq, block_q).max(1), block_k)
+  hi = np.where(e_hi > s_lo, cdiv(e_hi, block_k), 0)
+  full_lo = cdiv(np.where(empty, big, start).reshape(nq, block_q).max(1), block_k)
   full_hi = np.where(empty, -1, end).reshape(nq, block_q).min(1) // block_k
   full_lo = np.clip(full_lo, lo, hi)
   full_hi = np.clip(full_hi, full_lo, hi)
@@ -503,7 +500,7 @@ def scalewise_attention(
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   block_q = block_q or _default_block(lq)
   block_k = block_k or _default_block(kv_len)
-  interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  interpret = resolve_interpret(interpret)
   cfg = _Config(
     mask=mask,
     scale=scale,
@@ -518,10 +515,10 @@ def scalewise_attention(
     num_stages=num_stages,
   )
   # Keys past kv_len are never visited: trim a long cache down to the tiles that can be read.
-  lk_p = _cdiv(kv_len, block_k) * block_k
+  lk_p = cdiv(kv_len, block_k) * block_k
   k, v = k[:, : min(lk, lk_p)], v[:, : min(lk, lk_p)]
   dp, dvp = _head_dim_padded(d), _head_dim_padded(dv)
-  lq_p = _cdiv(lq, block_q) * block_q
+  lq_p = cdiv(lq, block_q) * block_q
   qp = _pad_axis(_pad_axis(q, 1, lq_p), 3, dp)
   kp = _pad_axis(_pad_axis(k, 1, lk_p), 3, dp)
   vp = _pad_axis(_pad_axis(v, 1, lk_p), 3, dvp)

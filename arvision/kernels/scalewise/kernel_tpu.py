@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from arvision.kernels.common import cdiv, resolve_interpret
 from arvision.ops import masks as masks_lib
 
 DEFAULT_BLOCK = 128
@@ -82,10 +83,6 @@ def splash_kernel(
     return splash.make_splash_mha_single_device(multi, block_sizes=blocks, interpret=interpret)
 
 
-def _cdiv(a, b):
-  return -(-a // b)
-
-
 def _pad_len(x, size):
   if x.shape[1] == size:
     return x
@@ -131,14 +128,14 @@ def splash_scalewise_attention(
     raise ValueError(f"splash_scalewise_attention: kv heads ({hkv}) must divide heads ({h})")
   kv_len = lk if kv_len is None else int(kv_len)
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-  interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  interpret = resolve_interpret(interpret)
   block_q = block_q or DEFAULT_BLOCK
   block_k = block_k or DEFAULT_BLOCK
   if block_k % 128:
     raise ValueError(
       f"splash_scalewise_attention: block_k must be a multiple of 128, got {block_k}"
     )
-  lq_p, lk_p = _cdiv(lq, block_q) * block_q, _cdiv(kv_len, block_k) * block_k
+  lq_p, lk_p = cdiv(lq, block_q) * block_q, cdiv(kv_len, block_k) * block_k
   k, v = k[:, : min(lk, lk_p)], v[:, : min(lk, lk_p)]
   kernel = splash_kernel(mask, h, lq_p, lk_p, int(q_offset), kv_len, block_q, block_k, interpret)
   # Scale in float32, then back to q's dtype (splash multiplies q @ k^T unscaled).
