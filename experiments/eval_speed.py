@@ -38,24 +38,6 @@ from arvision.evaluation import metrics as em  # noqa: E402
 from arvision.evaluation.domain import DomainMetrics  # noqa: E402
 
 
-def random_inception_variables(seed: int = 0) -> dict:
-  """Random Inception variables of the module's shapes (He-scaled, so activations stay O(1))."""
-  rs = np.random.RandomState(seed)
-  flat = {}
-  for key, shape in inc._expected_shapes().items():
-    leaf = key.rsplit("/", 1)[-1]
-    if key == "params/fc":
-      a = rs.randn(*shape) / np.sqrt(shape[0])
-    elif leaf == "kernel":
-      a = rs.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:3]))
-    elif leaf in ("scale", "var"):
-      a = 0.5 + rs.rand(*shape)
-    else:
-      a = 0.1 * rs.randn(*shape)
-    flat[key] = a.astype(np.float32)
-  return jax.device_put(inc._unflatten(flat))
-
-
 def build_generator(config):
   """The config's generator (and tokenizer) with randomly initialised params."""
   tokenizer, frozen = None, {}
@@ -122,7 +104,7 @@ def main():
   )
 
   # Inception features (random weights: speed only).
-  variables = random_inception_variables()
+  variables = jax.device_put(inc.random_variables())
   rs = np.random.RandomState(0)
   imgs = rs.randint(
     0, 256, (args.inception_images, dc.image_size, dc.image_size, dc.channels), dtype=np.uint8

@@ -78,28 +78,10 @@ def _config(**overrides):
   return c
 
 
-def _random_variables(seed=0):
-  """Random Inception variables of the module's shapes, He-scaled so activations stay O(1)."""
-  rs = np.random.RandomState(seed)
-  flat = {}
-  for key, shape in inc._expected_shapes().items():
-    leaf = key.rsplit("/", 1)[-1]
-    if key == "params/fc":
-      a = rs.randn(*shape) / np.sqrt(shape[0])
-    elif leaf == "kernel":
-      a = rs.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:3]))
-    elif leaf in ("scale", "var"):
-      a = 0.5 + rs.rand(*shape)
-    else:
-      a = 0.1 * rs.randn(*shape)
-    flat[key] = a.astype(np.float32)
-  return inc._unflatten(flat)
-
-
 @pytest.fixture(scope="module")
 def weights_path(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("inception") / "inception-random.npz")
-  inc.save_converted(_random_variables(0), path)
+  inc.save_converted(inc.random_variables(0), path)
   return path
 
 
@@ -297,7 +279,7 @@ def test_eval_split_reference_is_computed_once_and_cached(
   m2 = evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"))
   assert m2["fid"] == m["fid"]
   # Other weights -> another fingerprint -> another cache entry (stale stats are never reused).
-  inc.save_converted(_random_variables(1), str(tmp_path / "w1.npz"))
+  inc.save_converted(inc.random_variables(1), str(tmp_path / "w1.npz"))
   monkeypatch.undo()
   monkeypatch.setattr(evaluator, "REFERENCE_MAX_IMAGES", 12)
   evaluator.run(

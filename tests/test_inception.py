@@ -10,6 +10,7 @@ import importlib.util
 import sys
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,23 +19,7 @@ from arvision.evaluation import inception as inc
 
 
 def _random_variables(seed=0):
-  """Random flax variables of the right shapes; He-scaled so activations stay O(1)."""
-  rs = np.random.RandomState(seed)
-  flat = {}
-  for key, shape in inc._expected_shapes().items():
-    leaf = key.rsplit("/", 1)[-1]
-    if key == "params/fc":
-      a = rs.randn(*shape) / np.sqrt(shape[0])
-    elif leaf == "kernel":
-      a = rs.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:3]))
-    elif leaf == "scale":
-      a = 0.5 + rs.rand(*shape)
-    elif leaf == "var":
-      a = 0.5 + rs.rand(*shape)
-    else:  # bn bias, running mean
-      a = 0.1 * rs.randn(*shape)
-    flat[key] = a.astype(np.float32)
-  return inc._unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  return jax.tree.map(jnp.asarray, inc.random_variables(seed))
 
 
 def _to_torch_layout(variables):

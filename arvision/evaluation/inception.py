@@ -410,6 +410,28 @@ def from_torch_state_dict(
   return _validated(flat, source)
 
 
+def random_variables(seed: int = 0) -> dict[str, Any]:
+  """Seeded random variables of the module's shapes (He-scaled, so activations stay O(1)).
+
+  Not FID weights: for speed measurements and for parity tests against another implementation
+  loaded with the same values.
+  """
+  rs = np.random.RandomState(seed)
+  flat = {}
+  for key, shape in _expected_shapes().items():
+    leaf = key.rsplit("/", 1)[-1]
+    if key == "params/fc":
+      a = rs.randn(*shape) / np.sqrt(shape[0])
+    elif leaf == "kernel":
+      a = rs.randn(*shape) * np.sqrt(2.0 / np.prod(shape[:3]))
+    elif leaf in ("scale", "var"):
+      a = 0.5 + rs.rand(*shape)
+    else:  # BatchNorm bias and running mean
+      a = 0.1 * rs.randn(*shape)
+    flat[key] = a.astype(np.float32)
+  return _unflatten(flat)
+
+
 def save_converted(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
   """Writes inception variables as a flat `.npz` that `load_weights` reads without torch."""
   flat = {k: np.asarray(v, np.float32) for k, v in _flatten(variables).items()}
