@@ -1,11 +1,16 @@
-"""`arvision train|eval|sample` — thin; the logic lives in importable modules.
+"""`arvision train|eval|sample|tokenize|convert` — thin; the logic lives in importable modules.
 
     arvision train  --config configs/tokenizer.py:fmnist_msvq --workdir runs/tok [--config.total_steps=N]
     arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval \
                     [--inception_weights pt_inception-2015-12-05-6726825d.pth] [--reference ref.npz]
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
+    arvision tokenize --workdir runs/tok --out runs/tok_codes [--views center_flip]
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
+    arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/vq16
+    arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
+    arvision convert mar_vae kl16.ckpt --out runs/kl16
+    arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "sample", "convert")
+COMMANDS = ("train", "eval", "sample", "tokenize", "convert")
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "path/to/config.py[:variant]", lock_config=True
@@ -42,7 +47,16 @@ _REFERENCE = flags.DEFINE_string(
   "eval: ADM reference batch .npz (mu, sigma[, mu_s, sigma_s, arr_0]); default: "
   "config.eval.reference, or statistics of the eval split computed once and cached",
 )
-_VAE = flags.DEFINE_string("vae", None, "convert var: the converted VAE dir or the official .pth")
+_EMA = flags.DEFINE_bool("ema", False, "convert mar: take the EMA weights (`model_ema`)")
+_VIEWS = flags.DEFINE_enum(
+  "views",
+  "center_flip",
+  ["center", "center_flip", "five_crop_flip"],
+  "tokenize: augmented views per image (see arvision/data/tokens.py)",
+)
+_VAE = flags.DEFINE_string(
+  "vae", None, "convert var|llamagen|mar: the converted tokenizer dir or the official checkpoint"
+)
 
 
 def _parse_kw(text: str) -> dict:
@@ -109,6 +123,14 @@ def _sample():
   print(f"wrote {out}")
 
 
+def _tokenize():
+  from arvision.data import tokens
+
+  out = _require(_OUT, "out")
+  meta = tokens.tokenize(_require(_WORKDIR, "workdir"), out, views=_VIEWS.value)
+  print(f"wrote {meta['splits']} to {out}; train on it with --config.data.source=tokens:{out}")
+
+
 def _convert(argv):
   import importlib
 
@@ -117,17 +139,28 @@ def _convert(argv):
   if len(argv) != 3 or argv[1] not in CONVERTERS:
     raise app.UsageError(f"usage: arvision convert {{{'|'.join(CONVERTERS)}}} PATH --out DIR")
   module, fn = CONVERTERS[argv[1]].split(":")
-  kw = {"vae": _require(_VAE, "vae")} if argv[1] == "var" else {}
+  kw = {
+    "var": lambda: {"vae": _require(_VAE, "vae")},
+    "llamagen": lambda: {"vae": _VAE.value},
+    "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value},
+  }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
   print(f"wrote {out}; load it with arvision.load({out!r})")
 
 
 def main(argv):
+  if _COMMAND in ("train", "eval", "sample", "tokenize"):
+    from arvision.parallel import maybe_initialize_distributed
+
+    # Multi-host jobs (coordinator address or a detected cluster in the environment) join here,
+    # before anything touches the devices.
+    if maybe_initialize_distributed():
+      logging.info("jax.distributed initialised")
   if _COMMAND == "convert":
     return _convert(argv)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  {"train": _train, "eval": _eval, "sample": _sample}[_COMMAND]()
+  {"train": _train, "eval": _eval, "sample": _sample, "tokenize": _tokenize}[_COMMAND]()
 
 
 _COMMAND = None

@@ -374,9 +374,10 @@ def _domain_metrics_cached(data_json: str):
 
 def domain_metrics_for(config):
   """DomainMetrics against the eval split, or None when the data has no domain classifier."""
-  if not _is_fashion_mnist(config.data):
+  data_config = data.image_data_config(config.data)
+  if not _is_fashion_mnist(data_config):
     return None
-  return _domain_metrics_cached(config_util.to_json(config.data))
+  return _domain_metrics_cached(config_util.to_json(data_config))
 
 
 # --- Inception metrics (FID / sFID / IS / precision-recall; rFID) ---------------------------------
@@ -484,7 +485,7 @@ class InceptionSetup:
           reference_features_cache=path, reference_images=int(len(real["pool"]))
         )
       return ref
-    dc = config.data
+    dc = data.image_data_config(config.data)
     split = dc.eval_split
     n = min(data.num_examples(dc, split), REFERENCE_MAX_IMAGES)
     dataset = f"{dc.source}-{dc.image_size}px-{dc.channels}ch-r{dc.resize_ratio}"

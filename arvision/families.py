@@ -10,6 +10,8 @@ FAMILIES = {
   "tokenizer": "arvision.tokenizers.family",
   "classifier": "arvision.evaluation.classifier",
   "var": "arvision.models.var",
+  "mar": "arvision.models.mar",
+  "raster": "arvision.models.raster",
 }
 
 

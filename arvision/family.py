@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 Params = Any
@@ -32,8 +33,18 @@ class Family:
     self.config = config
 
   def init(self, rng: jax.Array, batch: Batch) -> Params:
-    """Returns the trainable params (without `frozen_keys`)."""
+    """Returns the trainable params (without `frozen_keys`) as plain arrays."""
+    return nn.unbox(self.init_annotated(rng, batch))
+
+  def init_annotated(self, rng: jax.Array, batch: Batch) -> Params:
+    """The params of `init`, with leaves boxed (`nn.Partitioned`) by their logical axis names
+    (`arvision.parallel.logical`). Families override this; unannotated leaves are replicated."""
     raise NotImplementedError
+
+  def logical_axes(self, batch: Batch) -> Params:
+    """A `PartitionSpec` of logical axis names per param leaf (nothing is allocated)."""
+    abstract = jax.eval_shape(self.init_annotated, jax.random.key(0), batch)
+    return nn.get_partition_spec(abstract)
 
   def loss(self, params: Params, batch: Batch, rng: jax.Array, train: bool):
     """Returns `(loss, metrics)`: a scalar and a dict of scalars. Must be jit-able."""

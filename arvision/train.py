@@ -10,6 +10,7 @@ scratch. Re-running the same command continues with the identical batch sequence
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from absl import logging
 
 from arvision import checkpoint as ckpt_lib
 from arvision import config_util, data, families, optim, parallel
+from arvision.family import Family
 from arvision.metrics_writer import MetricsWriter
 
 # Fields that may change when a run resumes (everything else must match the saved config).
@@ -36,6 +38,9 @@ RESUMABLE_FIELDS = (
   "eval",
   "resume_from",
   "init_from",
+  # The layout, not the math: a checkpoint restores onto any mesh / strategy (resharding restore).
+  "mesh",
+  "sharding",
 )
 
 
@@ -118,7 +123,159 @@ def build_family(config, workdir: str):
   tokenizer = None
   if families.needs_tokenizer(config):
     tokenizer, frozen["tokenizer"] = prepare_tokenizer(config, workdir)
+    _check_tokens_match(config, frozen["tokenizer"])
   return families.build(config, tokenizer=tokenizer), frozen
+
+
+def _check_tokens_match(config, tokenizer_params) -> None:
+  """Pre-extracted codes (`tokens:<dir>`) must come from the tokenizer the model decodes with."""
+  name, _, arg = str(config.data.source).partition(":")
+  if name != "tokens":
+    return
+  from arvision.data import tokens
+
+  meta = tokens.read_meta(arg)
+  if meta["tokenizer_digest"] != tokens.tokenizer_digest(tokenizer_params):
+    raise ValueError(
+      f"config.data.source={config.data.source!r} holds codes of the tokenizer in "
+      f"{meta['tokenizer_workdir']!r} (params digest {meta['tokenizer_digest']}), but this run's "
+      f"tokenizer differs; set --config.tokenizer.checkpoint to the tokenizer that wrote them"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded state and the jitted step (also what experiments/bench_sharding.py drives).
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop (or a benchmark) needs to run sharded steps of one config.
+
+  Attributes:
+    mesh: the device mesh.
+    rules: the strategy's rules table (`parallel.get_rules(config.sharding.strategy)`).
+    abstract_state: `{"step", "params", "opt", "ema"?, "frozen"}` as `ShapeDtypeStruct`s carrying
+      their shardings (the restore target).
+    shardings: the same tree of `NamedSharding`s.
+    batch_sharding: sharding of every batch leaf (leading dim over the rules' `batch` axes).
+    init: jitted `rng -> state`, created directly sharded (frozen params placed by their rules).
+    step: jitted, state-donating `(state, batch) -> (state, metrics)`.
+    init_rng, step_rng: the run's rngs (`split(key(config.seed))`); step k uses
+      `fold_in(step_rng, k)`.
+    tx, lr_fn: the optimizer and its learning-rate schedule.
+  """
+
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  abstract_state: dict
+  shardings: dict
+  batch_sharding: jax.sharding.NamedSharding
+  init: object
+  step: object
+  init_rng: jax.Array
+  step_rng: jax.Array
+  tx: optax.GradientTransformation
+  lr_fn: object
+
+
+def _frozen_shardings(family, frozen, rules, mesh):
+  """Frozen params (e.g. `frozen["tokenizer"]`) are split by the rules of the family that owns
+  them (`family.<key>`, e.g. `family.tokenizer`); leaves without names are replicated."""
+  out = {}
+  for key, tree in frozen.items():
+    owner = getattr(family, key, None)
+    logical = owner.logical_axes(None) if isinstance(owner, Family) else {}
+    out[key] = parallel.tree_shardings(tree, logical, rules, mesh)
+  return out
+
+
+def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
+  """Builds the sharded train state and step of `config` for `family` on `mesh`.
+
+  Args:
+    config: the run's config (`optim`, `sharding.strategy`, `seed`, `total_steps`, `data`).
+    family: the built family.
+    frozen: params the loop supplies and never trains (`build_family`'s second output).
+    mesh: defaults to `parallel.make_mesh(config.mesh)`.
+    example: a batch with the training shapes (defaults to `data.input_spec(config.data)`).
+  """
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  rules = parallel.get_rules(config.sharding.strategy)
+  example = data.input_spec(config.data) if example is None else example
+  tx, lr_fn = optim.make(config.optim, config.total_steps, config.data.batch_size)
+  use_ema = config.optim.ema_decay > 0
+  rep = parallel.replicated(mesh)
+
+  def init_state(rng):
+    params = family.init(rng, example)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params))
+    if use_ema:
+      state["ema"] = params
+    return state
+
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  abstract = jax.eval_shape(init_state, init_rng)
+  params_sh = parallel.tree_shardings(abstract["params"], family.logical_axes(example), rules, mesh)
+  shardings = dict(
+    step=rep, params=params_sh, opt=parallel.match_by_path(abstract["opt"], params_sh, mesh)
+  )
+  if use_ema:
+    shardings["ema"] = params_sh
+  # Frozen params (e.g. the tokenizer) live in the state, so checkpoints are self-contained and
+  # the step receives them as arguments (never as constants baked into the compiled program).
+  abstract["frozen"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), frozen)
+  shardings["frozen"] = _frozen_shardings(family, abstract["frozen"], rules, mesh)
+  trainable = {k: v for k, v in shardings.items() if k != "frozen"}
+  init_jit = jax.jit(init_state, out_shardings=trainable)
+
+  def init(rng):
+    state = init_jit(rng)
+    # Fresh buffers (via host): the step donates the state, which must not delete the caller's
+    # frozen arrays (a device_put onto a sharding over the same device may alias them).
+    host = jax.tree.map(
+      lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", False) else x, frozen
+    )
+    state["frozen"] = jax.device_put(host, shardings["frozen"])
+    return state
+
+  def train_step(state, batch):
+    # The rules context is active while this is traced: `logical.constrain` takes effect.
+    with parallel.use_rules(mesh, rules):
+      step = state["step"]
+      rng = jax.random.fold_in(step_rng, step)
+      batch = dict(batch, step=step)
+
+      def loss_fn(params):
+        return family.loss({**params, **state["frozen"]}, batch, rng, True)
+
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      new = dict(state, step=step + 1, params=params, opt=opt)
+      if use_ema:
+        new["ema"] = optax.incremental_update(params, state["ema"], 1 - config.optim.ema_decay)
+      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(step))
+      return new, metrics
+
+  batch_sh = parallel.batch_sharding(mesh)
+  step = jax.jit(
+    train_step,
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, rep),
+    donate_argnums=(0,),
+  )
+  return Setup(
+    mesh=mesh,
+    rules=rules,
+    abstract_state=_with_shardings(abstract, shardings),
+    shardings=shardings,
+    batch_sharding=batch_sh,
+    init=init,
+    step=step,
+    init_rng=init_rng,
+    step_rng=step_rng,
+    tx=tx,
+    lr_fn=lr_fn,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,77 +296,32 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
   # --- Family (and its tokenizer stage) ---------------------------------------------------------
   family, frozen = build_family(config, workdir)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # one writer; Orbax writes checkpoints collectively
     with open(cfg_path, "w") as f:
       f.write(config_util.to_json(config))
   writer = MetricsWriter(workdir)
 
-  # --- Mesh and data ----------------------------------------------------------------------------
+  # --- Mesh, data, sharded state and step -------------------------------------------------------
   mesh = parallel.make_mesh(config.mesh)
   train_iter = data.make_train_iter(config.data, seed=config.seed)
-  example = data.input_spec(config.data)
-
-  # --- Optimizer and sharded train state --------------------------------------------------------
-  tx, lr_fn = optim.make(config.optim, config.total_steps, config.data.batch_size)
+  setup = build(config, family, frozen, mesh)
   use_ema = config.optim.ema_decay > 0
 
-  def init_state(rng):
-    params = family.init(rng, example)
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt=tx.init(params))
-    if use_ema:
-      state["ema"] = params
-    return state
-
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(init_state, init_rng)
-  shardings = parallel.state_shardings(abstract, mesh, config.sharding)
-  # Frozen params (e.g. the tokenizer) live in the state, so checkpoints are self-contained and
-  # the step receives them as arguments (never as constants baked into the compiled program).
-  abstract["frozen"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), frozen)
-  shardings["frozen"] = jax.tree.map(lambda _: parallel.replicated(mesh), frozen)
-
-  # --- Restore ----------------------------------------------------------------------------------
+  # --- Restore (onto this run's mesh and strategy, whatever the checkpoint was saved under) -----
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(_with_shardings(abstract, shardings), data_iter=train_iter)
+    state = ckpt.restore(setup.abstract_state, data_iter=train_iter)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
   elif config.resume_from:
     other = ckpt_lib.Checkpointer(config.resume_from, keep=1)
-    state = other.restore(_with_shardings(abstract, shardings), data_iter=train_iter)
+    state = other.restore(setup.abstract_state, data_iter=train_iter)
     logging.info("resumed from config.resume_from=%s", config.resume_from)
   else:
-    trainable = {k: v for k, v in shardings.items() if k != "frozen"}
-    state = jax.jit(init_state, out_shardings=trainable)(init_rng)
-    state["frozen"] = jax.device_put(frozen, shardings["frozen"])
+    state = setup.init(setup.init_rng)
     if config.init_from:
       state["params"] = _init_from(config.init_from, state["params"])
       if use_ema:
         state["ema"] = state["params"]
-
-  # --- Update step ------------------------------------------------------------------------------
-  def train_step(state, batch):
-    step = state["step"]
-    rng = jax.random.fold_in(step_rng, step)
-    batch = dict(batch, step=step)
-
-    def loss_fn(params):
-      return family.loss({**params, **state["frozen"]}, batch, rng, True)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(state, step=step + 1, params=params, opt=opt)
-    if use_ema:
-      new["ema"] = optax.incremental_update(params, state["ema"], 1 - config.optim.ema_decay)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(step))
-    return new, metrics
-
-  p_step = jax.jit(
-    train_step,
-    in_shardings=(shardings, parallel.batch_sharding(mesh)),
-    out_shardings=(shardings, parallel.replicated(mesh)),
-    donate_argnums=(0,),
-  )
+  p_step = setup.step
 
   # --- Loop -------------------------------------------------------------------------------------
   from arvision import evaluator  # late: evaluation imports the loop for its domain classifier

@@ -79,8 +79,12 @@ VARIANTS = {
     loss=dict(),
     train=dict(),
   ),
+  # scale_factor = 1 / std of the trained latents (MAR's 0.2325 for kl16): the posterior samples of
+  # 2000 training images had std 2.09 after the 1500 default steps.
   "fmnist_kl": dict(
-    arch=dict(type="kl", z_channels=4, embed_dim=4, quant_conv_ks=1, fused_qkv=False),
+    arch=dict(
+      type="kl", z_channels=4, embed_dim=4, quant_conv_ks=1, fused_qkv=False, scale_factor=0.48
+    ),
     loss=dict(kl_weight=1e-6),
     train=dict(),
   ),

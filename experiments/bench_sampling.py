@@ -1,10 +1,21 @@
-"""VAR sampling benchmark: images/s of the KV-cache sampler against recomputing the prefix.
+"""Sampling benchmark for every generator family (VAR, raster/LlamaGen, MAR).
+
+VAR: images/s of the KV-cache sampler against recomputing the prefix (and the official sampler).
+Raster (`--config configs/raster.py:...`): tokens/s and images/s of the static-KV-cache sampler;
+  the decode step's achieved memory bandwidth against the device's peak (GPU; batch-1 decoding is
+  bound by reading the weights and the KV cache once per token).
+MAR (`--config configs/mar.py:...`): images/s against `--num_iter` and `--diffusion_steps`, with
+  DiSA (diffusion-step annealing) off and on.
 
     python experiments/bench_sampling.py --config configs/var.py:fmnist --batch 1,8 --cfg 0,1.5 \
         --out experiments/results/bench_sampling_cpu.json
     python experiments/bench_sampling.py --preset gpu --reference /path/to/FoundationVision/VAR \
         --out experiments/results/bench_sampling_gpu.json       # VAR-d16, 256px, batch 64, bf16
     python experiments/bench_sampling.py --quick                # seconds: checks the code path
+    python experiments/bench_sampling.py --config configs/raster.py:fmnist --batch 1,64 --cfg 3.0
+    python experiments/bench_sampling.py --preset gpu_raster    # LlamaGen-L, 256px, bf16, batch 1/64
+    python experiments/bench_sampling.py --config configs/mar.py:fmnist --batch 64 \
+        --num_iter 8,16 --diffusion_steps 25,50
 
 Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
 config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
@@ -59,6 +70,12 @@ PRESETS = {
   "gpu": dict(config="configs/var.py:d16", batch="64", cfg="1.5", dtype="bfloat16", runs=5),
   # Tiny: exercises every code path in seconds (CPU).
   "quick": dict(config="configs/var.py:smoke", batch="2", cfg="0,1.5", dtype="float32", runs=2),
+  # LlamaGen-L (343M) at 256px: batch-1 decoding is memory-bound (bandwidth vs the device peak).
+  "gpu_raster": dict(
+    config="configs/raster.py:L", batch="1,64", cfg="2.0", dtype="bfloat16", runs=3
+  ),
+  # MAR-B at 256px: the official eval setting (64 AR steps, 100 diffusion steps) and fewer.
+  "gpu_mar": dict(config="configs/mar.py:B", batch="64", cfg="2.9", dtype="bfloat16", runs=3),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -87,17 +104,18 @@ def cast_params(params: dict, dtype) -> dict:
   return {**var, "tokenizer": params["tokenizer"]}
 
 
-def _inside_var(module) -> bool:
+def _inside(module, cls) -> bool:
   while module is not None:
-    if isinstance(module, VAR):
+    if isinstance(module, cls):
       return True
     module = module.parent if isinstance(module.parent, nn.Module) else None
   return False
 
 
 @contextlib.contextmanager
-def compute_dtype(dtype):
-  """Autocast analogue: inputs of the VAR's Dense layers are cast to `dtype` (None: no-op).
+def compute_dtype(dtype, cls=VAR):
+  """Autocast analogue: inputs of the Dense layers inside a `cls` module (the generator's
+  transformer) are cast to `dtype` (None: no-op).
 
   Active while the samplers are traced; the tokenizer's modules are left alone.
   """
@@ -107,7 +125,7 @@ def compute_dtype(dtype):
 
   def interceptor(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-      if _inside_var(context.module):
+      if _inside(context.module, cls):
         args = tuple(a.astype(dtype) if hasattr(a, "astype") else a for a in args)
     return next_fun(*args, **kwargs)
 
@@ -345,6 +363,11 @@ def parse_args(argv=None):
   ap.add_argument("--top_p", type=float, help="default: the config's sample.top_p")
   ap.add_argument("--impls", default="kv_cache,recompute", help="subset of kv_cache,recompute")
   ap.add_argument("--reference", default="", help="FoundationVision/VAR checkout: time it too")
+  ap.add_argument("--num_iter", default="", help="MAR: comma-separated AR steps (default config)")
+  ap.add_argument(
+    "--diffusion_steps", default="", help="MAR: comma-separated diffusion steps (default config)"
+  )
+  ap.add_argument("--disa", default="0,1", help="MAR: DiSA off/on, comma-separated 0/1")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="", help="JSON path (default bench_sampling_<device>.json)")
   ap.add_argument(
@@ -359,6 +382,9 @@ def parse_args(argv=None):
   args.batch = _csv(args.batch, int)
   args.cfg = _csv(args.cfg, float)
   args.impls = _csv(args.impls, str)
+  args.num_iter = _csv(args.num_iter, int)
+  args.diffusion_steps = _csv(args.diffusion_steps, int)
+  args.disa = [bool(x) for x in _csv(args.disa, int)]
   for name in args.impls:
     if name not in ("kv_cache", "recompute"):
       raise SystemExit(f"--impls: unknown {name!r}; accepted: kv_cache, recompute")
@@ -461,6 +487,191 @@ def run(args) -> dict:
   return result
 
 
+# ------------------------------------------------------------------------------------------------
+# Raster (LlamaGen) and MAR
+
+# Peak HBM bandwidth (bytes/s) by device kind, for the batch-1 decode roofline (vendor datasheets).
+PEAK_BANDWIDTH = {
+  "H200": 4.8e12,
+  "H100 80GB HBM3": 3.35e12,  # SXM
+  "H100 PCIe": 2.0e12,
+  "H100": 3.35e12,
+  "A100-SXM4-80GB": 2.04e12,
+  "A100": 1.555e12,
+  "TPU v5p": 2.765e12,
+  "TPU v5 lite": 8.19e11,
+  "TPU v4": 1.2e12,
+}
+
+
+def peak_bandwidth(device_kind: str):
+  for name, bw in PEAK_BANDWIDTH.items():  # most specific first
+    if name in device_kind:
+      return bw
+  return None
+
+
+def build_family(spec: str, seed: int = 0):
+  """`(config, family, params)` for any generator config, random weights (model and tokenizer)."""
+  config = config_util.load_config_file(spec)
+  tok = families.build(config.tokenizer.config)
+  fam = families.build(config, tokenizer=tok)
+  k_model, k_tok = jax.random.split(jax.random.key(seed))
+  params = {**fam.init(k_model, None), "tokenizer": {"ae": tok.init(k_tok, None)["ae"]}}
+  return config, fam, params
+
+
+def _nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def raster_decode_bytes(fam, params, batch: int, dtype) -> dict:
+  """Bytes one decode step must read: the transformer weights and the whole static KV cache.
+
+  The sampler attends over the preallocated cache of `cache_length()` slots for all 2B rows
+  (conditional + null class) in every step, masked to the valid prefix, so it reads all of it.
+  """
+  mod = fam.module
+  weights = _nbytes({k: v for k, v in params.items() if k != "tokenizer"})
+  itemsize = jnp.dtype(dtype).itemsize
+  weights = weights // 4 * itemsize  # float32 params cast to `dtype`
+  kv = 2 * mod.n_layer * 2 * batch * fam.cache_length() * mod.kv_heads * mod.head_dim * itemsize
+  return dict(weights=weights, kv_cache=kv, total=weights + kv)
+
+
+def bench_raster(args, config, fam, params) -> list[dict]:
+  from arvision.models.raster import RasterTransformer
+
+  dtype = DTYPES[args.dtype]
+  p = cast_params(params, dtype)
+  sample_kw = dict(config.get("sample", {}))
+  dec = jax.jit(fam.tokenizer.decode_idx)
+  side = fam.tokenizer.latent_size
+  peak = peak_bandwidth(jax.devices()[0].device_kind)
+  rows = []
+  for batch in args.batch:
+    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    grid = jnp.zeros((batch, side * side), jnp.int32)
+    decode_s = time_calls(
+      lambda g=grid: dec(params["tokenizer"], g), args.runs, jax.block_until_ready
+    )
+    for cfg in args.cfg:
+      kw = dict(sample_kw, cfg=cfg)
+      with compute_dtype(dtype, RasterTransformer):
+        res = time_calls(
+          lambda kw=kw, labels=labels: fam.sample(p, labels, jax.random.key(args.seed), **kw),
+          args.runs,
+          jax.block_until_ready,
+        )
+      n = fam.num_tokens
+      loop_s = max(res["median_s"] - decode_s["median_s"], 1e-9)
+      step_s = loop_s / n  # the prefix step is counted like a token step
+      nbytes = raster_decode_bytes(fam, params, batch, dtype)
+      row = dict(
+        impl="kv_cache",
+        batch=batch,
+        cfg=cfg,
+        dtype=args.dtype,
+        **res,
+        images_per_s=batch / res["median_s"],
+        tokens_per_s=batch * n / res["median_s"],
+        decode_s=decode_s["median_s"],
+        decode_step_s=step_s,
+        bytes_per_step=nbytes,
+        achieved_bandwidth=nbytes["total"] / step_s,
+        peak_bandwidth=peak,
+        bandwidth_fraction=(nbytes["total"] / step_s / peak) if peak else None,
+      )
+      rows.append(row)
+      print(_fmt_family_row(row), flush=True)
+  return rows
+
+
+def bench_mar(args, config, fam, params) -> list[dict]:
+  from arvision.models.mar import MAR
+
+  dtype = DTYPES[args.dtype]
+  p = cast_params(params, dtype)
+  sample_kw = dict(config.get("sample", {}))
+  rows = []
+  for batch in args.batch:
+    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    for cfg in args.cfg:
+      for num_iter in args.num_iter or [int(sample_kw.get("num_iter", 64))]:
+        for steps in args.diffusion_steps or [int(fam.module.num_sampling_steps)]:
+          for disa in args.disa:
+            kw = dict(sample_kw, cfg=cfg, num_iter=num_iter, num_diffusion_steps=steps, disa=disa)
+            with compute_dtype(dtype, MAR):
+              res = time_calls(
+                lambda kw=kw, labels=labels: fam.sample(p, labels, jax.random.key(args.seed), **kw),
+                args.runs,
+                jax.block_until_ready,
+              )
+            row = dict(
+              impl="mar" + ("+disa" if disa else ""),
+              batch=batch,
+              cfg=cfg,
+              num_iter=num_iter,
+              diffusion_steps=steps,
+              disa=bool(disa),
+              dtype=args.dtype,
+              **res,
+              images_per_s=batch / res["median_s"],
+            )
+            rows.append(row)
+            print(_fmt_family_row(row), flush=True)
+  return rows
+
+
+def run_family(args) -> dict:
+  """The raster / MAR benchmark (same JSON layout as `run`)."""
+  config, fam, params = build_family(args.config, args.seed)
+  jdev = jax.devices()[0]
+  versions = dict(jax=jax.__version__, python=platform.python_version())
+  bench = {"raster": bench_raster, "mar": bench_mar}.get(config.family)
+  if bench is None:
+    raise SystemExit(f"--config {args.config}: no benchmark for family {config.family!r}")
+  rows = bench(args, config, fam, params)
+  model = {k: v for k, v in params.items() if k != "tokenizer"}
+  result = dict(
+    device=f"{jdev.platform}: {jdev.device_kind}",
+    versions=versions,
+    config=dict(
+      spec=args.config,
+      family=config.family,
+      model=config.model.to_dict(),
+      image_size=int(config.data.image_size),
+      params=int(sum(x.size for x in jax.tree.leaves(model))),
+      sample=dict(config.get("sample", {})),
+    ),
+    settings=dict(dtype=args.dtype, runs=args.runs, seed=args.seed),
+    rows=rows,
+  )
+  print(family_table(result))
+  return result
+
+
+def _fmt_family_row(r) -> str:
+  if "tokens_per_s" in r:
+    bw = r["bandwidth_fraction"]
+    extra = f"  {r['achieved_bandwidth'] / 1e9:.1f} GB/s" + (f" ({bw:.0%} of peak)" if bw else "")
+    return (
+      f"raster b={r['batch']:<4} cfg={r['cfg']:<4} {r['tokens_per_s']:10.1f} tok/s "
+      f"{r['images_per_s']:8.3f} img/s  step {r['decode_step_s'] * 1e3:.3f} ms{extra}"
+    )
+  return (
+    f"{r['impl']:>9} b={r['batch']:<4} cfg={r['cfg']:<4} iters={r['num_iter']:<3} "
+    f"steps={r['diffusion_steps']:<4} {r['images_per_s']:8.3f} img/s  compile {r['compile_s']:.1f}s"
+  )
+
+
+def family_table(result) -> str:
+  c = result["config"]
+  head = f"\n{c['family']} sampling, {result['device']}, {c['spec']} ({c['params']:,} params, "
+  head += f"{c['image_size']}px), {result['settings']['dtype']}\n"
+  return head + "\n".join(_fmt_family_row(r) for r in result["rows"])
+
+
 def _fmt_row(r) -> str:
   extra = ""
   if "kv_cache_speedup" in r:
@@ -499,11 +710,12 @@ def table(result) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  result = run(args)
+  family = config_util.load_config_file(args.config).family
+  result = run(args) if family == "var" else run_family(args)
   jdev = jax.devices()[0]
   out = args.out or f"experiments/results/bench_sampling_{jdev.platform}.json"
   doc = dict(
-    what=f"{jdev.platform.upper()} run: VAR sampling throughput, random weights, end to end "
+    what=f"{jdev.platform.upper()} run: sampling throughput, random weights, end to end "
     "(labels -> uint8 images); see experiments/bench_sampling.py",
     device=result["device"],
     num_devices=jax.device_count(),

@@ -112,3 +112,41 @@ def test_bad_arguments(bench):
     bench.parse_args(["--batch", "0"])
   with pytest.raises(ValueError, match="var"):
     bench.build("configs/tokenizer.py:smoke")
+
+
+def test_raster_rows_and_decode_bytes(bench, tmp_path):
+  out = tmp_path / "raster.json"
+  bench.main(["--config", "configs/raster.py:smoke", "--batch", "2", "--cfg", "2.0", "--runs", "1",
+              "--out", str(out)])  # fmt: skip
+  (res,) = json.loads(out.read_text())["results"]
+  assert res["config"]["family"] == "raster"
+  (row,) = res["rows"]
+  _, fam, params = bench.build_family("configs/raster.py:smoke")
+  n = fam.num_tokens
+  assert row["tokens_per_s"] == pytest.approx(2 * n / row["median_s"])
+  # Bytes per step: every transformer weight once + the whole static cache of 2B rows.
+  m = fam.module
+  weights = sum(
+    x.size * 4 for k, v in params.items() if k != "tokenizer" for x in jax.tree.leaves(v)
+  )
+  kv = 2 * m.n_layer * 4 * fam.cache_length() * m.kv_heads * m.head_dim * 4
+  assert row["bytes_per_step"] == {"weights": weights, "kv_cache": kv, "total": weights + kv}
+  assert row["achieved_bandwidth"] == pytest.approx((weights + kv) / row["decode_step_s"])
+  assert row["peak_bandwidth"] is None and row["bandwidth_fraction"] is None  # CPU: no roofline
+
+
+def test_mar_rows_cover_iters_steps_and_disa(bench, tmp_path):
+  out = tmp_path / "mar.json"
+  bench.main(["--config", "configs/mar.py:smoke", "--batch", "2", "--cfg", "1.0", "--runs", "1",
+              "--num_iter", "2", "--diffusion_steps", "6,8", "--out", str(out)])  # fmt: skip
+  (res,) = json.loads(out.read_text())["results"]
+  got = {(r["num_iter"], r["diffusion_steps"], r["disa"]) for r in res["rows"]}
+  assert got == {(2, s, d) for s in (6, 8) for d in (False, True)}
+  assert all(r["images_per_s"] == pytest.approx(2 / r["median_s"]) for r in res["rows"])
+
+
+def test_peak_bandwidth_table(bench):
+  assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+  assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+  assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
+  assert bench.peak_bandwidth("cpu") is None

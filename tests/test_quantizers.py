@@ -1,5 +1,6 @@
 """Quantizers: VQ / l2-VQ, VAR's multi-scale residual VQ (with torch parity), the KL Gaussian."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ def _f(seed=0, b=2):
 @pytest.fixture(scope="module")
 def msvq():
   m = _msvq()
-  params = m.init(jax.random.key(1), _f())["params"]
+  params = nn.unbox(m.init(jax.random.key(1), _f())["params"])
   return m, {"params": params}
 
 
@@ -43,7 +44,9 @@ def test_phi_index_table_matches_official():
 
 def test_phi_param_layout():
   for share, n in ((0, len(PN)), (1, 1), (3, 3)):
-    p = jax.eval_shape(_msvq(share_quant_resi=share).init, jax.random.key(0), _f())["params"]
+    p = nn.unbox(jax.eval_shape(_msvq(share_quant_resi=share).init, jax.random.key(0), _f()))[
+      "params"
+    ]
     assert sorted(k for k in p if k.startswith("quant_resi_")) == [
       f"quant_resi_{k}" for k in range(n)
     ]
@@ -78,7 +81,7 @@ def test_straight_through_gradient_is_identity(msvq):
   g = jax.grad(lambda f: jnp.sum(m.apply(v, f)[0] * w))(f)
   np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-6)
   vq = Q.VectorQuantizer(V, C, eini=0.0)
-  vv = vq.init(jax.random.key(0), f)
+  vv = nn.unbox(vq.init(jax.random.key(0), f))
   g = jax.grad(lambda f: jnp.sum(vq.apply(vv, f)[0] * w))(f)
   np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-6)
 
@@ -157,7 +160,7 @@ def test_msvq_bad_inputs(msvq):
 def test_vector_quantizer_plain_and_l2():
   z = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3.0
   vq = Q.VectorQuantizer(32, 8, beta=0.25, eini=0.0)
-  v = vq.init(jax.random.key(1), z)
+  v = nn.unbox(vq.init(jax.random.key(1), z))
   zq, aux = vq.apply(v, z)
   e = np.asarray(v["params"]["embedding"])
   zn = np.asarray(z).reshape(-1, 8)
@@ -169,7 +172,7 @@ def test_vector_quantizer_plain_and_l2():
   np.testing.assert_allclose(float(aux["usage"]), len(np.unique(want_idx)) / 32, rtol=1e-6)
 
   vq2 = Q.VectorQuantizer(32, 8, l2_norm=True)
-  v2 = vq2.init(jax.random.key(1), z)
+  v2 = nn.unbox(vq2.init(jax.random.key(1), z))
   zq2, aux2 = vq2.apply(v2, z)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(zq2), axis=-1), 1.0, atol=1e-5)
   en = np.asarray(v2["params"]["embedding"])
@@ -260,7 +263,7 @@ def test_msvq_parity_with_torch():
   pn = (1, 2, 3, 4, 5, 6, 8, 10)  # non-integer area/bicubic ratios (10->3, 10->4, 10->6, 10->8)
   m = Q.MultiScaleVQ(V, C, patch_nums=pn, share_quant_resi=4, eini=0.0)
   f = jax.random.normal(jax.random.key(11), (2, 10, 10, C))
-  v = m.init(jax.random.key(12), f)
+  v = nn.unbox(m.init(jax.random.key(12), f))
   p = v["params"]
   emb = torch.tensor(np.asarray(p["embedding"]))
   phis = [

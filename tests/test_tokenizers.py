@@ -56,7 +56,9 @@ def _np_params(fam, seed=0, abstract=None):
 
 
 def _module_params(module, *args, seed=0):
-  return _np_params(None, seed, jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
+  return _np_params(
+    None, seed, flax.linen.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))["params"]
+  )
 
 
 # ----- autoencoder -----------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ def test_encoder_decoder_shapes_and_names():
     ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, using_sa=True, fused_qkv=True
   )
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
-  ve = jax.eval_shape(enc.init, jax.random.key(0), x)
+  ve = flax.linen.unbox(jax.eval_shape(enc.init, jax.random.key(0), x))
   assert jax.eval_shape(enc.apply, ve, x).shape == (2, 8, 8, 4)
   pe = _paths(ve["params"])
   for name in (
@@ -92,7 +94,7 @@ def test_encoder_decoder_shapes_and_names():
     ch=8, ch_mult=(1, 2), num_res_blocks=1, out_channels=3, using_sa=False, fused_qkv=False
   )
   z = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
-  vd = jax.eval_shape(dec.init, jax.random.key(0), z)
+  vd = flax.linen.unbox(jax.eval_shape(dec.init, jax.random.key(0), z))
   assert jax.eval_shape(dec.apply, vd, z).shape == (2, 16, 16, 3)
   pd = _paths(vd["params"])
   assert {

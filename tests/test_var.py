@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -444,7 +445,7 @@ def test_block_parity_with_torch(l2, shared):
     else jax.random.normal(jax.random.key(1), (B, D))
   )
   mask = masks.scale_causal(lengths)
-  p = blk.init(jax.random.key(2), x, cond, mask=mask)["params"]
+  p = nn.unbox(blk.init(jax.random.key(2), x, cond, mask=mask)["params"])
   p = _randomize(p, 3)  # nonzero biases/gammas so every term is exercised
   if l2:
     p["attn"]["scale_mul"] = jnp.array([0.5, 1.0, 5.0, 1.5])  # 5.0 > ln 100: clamped
@@ -491,7 +492,7 @@ def test_head_norm_parity_with_torch():
   m = layers.AdaLNBeforeHead()
   x = jax.random.normal(jax.random.key(0), (B, L, C))
   cond = jax.random.normal(jax.random.key(1), (B, D))
-  p = _randomize(m.init(jax.random.key(2), x, cond)["params"], 4)
+  p = _randomize(nn.unbox(m.init(jax.random.key(2), x, cond)["params"]), 4)
   y = m.apply({"params": p}, x, cond)
   t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)
   ada = F.linear(F.silu(t(cond)), t(p["ada_lin"]["kernel"]).T, t(p["ada_lin"]["bias"]))

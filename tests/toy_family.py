@@ -7,6 +7,16 @@ import optax
 
 from arvision import config_util
 from arvision.family import Family
+from arvision.parallel.logical import param_init
+
+
+def _dense(features, names, name):
+  return nn.Dense(
+    features,
+    kernel_init=param_init(nn.linear.default_kernel_init, names),
+    bias_init=param_init(nn.initializers.zeros, names[1:]),
+    name=name,
+  )
 
 
 class _Net(nn.Module):
@@ -14,8 +24,8 @@ class _Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Dense(16, name="hidden")(x.reshape(x.shape[0], -1))
-    return nn.Dense(self.num_classes, name="out")(jax.nn.relu(h)), h
+    h = _dense(16, ("embed", "mlp"), "hidden")(x.reshape(x.shape[0], -1))
+    return _dense(self.num_classes, ("mlp", "classes"), "out")(jax.nn.relu(h)), h
 
 
 class ToyFamily(Family):
@@ -25,7 +35,7 @@ class ToyFamily(Family):
     super().__init__(config)
     self.net = _Net(config.data.num_classes)
 
-  def init(self, rng, batch):
+  def init_annotated(self, rng, batch):
     return self.net.init(rng, batch["image"])["params"]
 
   def features(self, params, images):

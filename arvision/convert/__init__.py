@@ -3,4 +3,8 @@
 CONVERTERS = {
   "var_vae": "arvision.convert.var:main_var_vae",
   "var": "arvision.convert.var:main_var",
+  "mar_vae": "arvision.convert.mar:main_mar_vae",
+  "mar": "arvision.convert.mar:main_mar",
+  "llamagen_vq": "arvision.convert.llamagen:main_llamagen_vq",
+  "llamagen": "arvision.convert.llamagen:main_llamagen",
 }

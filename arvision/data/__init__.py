@@ -1,5 +1,5 @@
-"""Input data: sources (`fashion_mnist`, `tfds:<name>`, `folder:<path>`, `synthetic`) and grain
-pipelines with per-process sharding and checkpointable iterators.
+"""Input data: sources (`fashion_mnist`, `tfds:<name>`, `folder:<path>`, `synthetic`, `tokens:<dir>`)
+and grain pipelines with per-process sharding and checkpointable iterators.
 
 ```python
 it = make_train_iter(config.data, seed=config.seed)   # infinite; it.get_state() / set_state()
@@ -10,6 +10,7 @@ for batch in make_eval_iter(config.data):             # finite; padded, with "ma
 """
 
 from arvision.data.pipeline import (
+  image_data_config,
   input_spec,
   load_images,
   local_batch_size,
@@ -22,6 +23,7 @@ from arvision.data.sources import SOURCES, get_source, register_source
 __all__ = [
   "SOURCES",
   "get_source",
+  "image_data_config",
   "input_spec",
   "load_images",
   "local_batch_size",

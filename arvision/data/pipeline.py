@@ -13,7 +13,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from arvision.data import sources, transforms
+from arvision.data import sources, tokens, transforms
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -83,8 +83,11 @@ def make_train_iter(
   """
   pi, pc = _processes(process_index, process_count)
   b = local_batch_size(data_config.batch_size, pc)
-  transform = transforms.TrainTransform.from_config(data_config)
   source = _source(data_config, data_config.train_split)
+  if isinstance(source, tokens.TokensSource):
+    transform = tokens.TrainTokens()
+  else:
+    transform = transforms.TrainTransform.from_config(data_config)
   per_process = len(source) // pc
   if per_process == 0:
     raise ValueError(f"{source!r} has {len(source)} examples, fewer than {pc} processes")
@@ -131,9 +134,12 @@ def _eval_dataset(
   b = local_batch_size(
     global_b, pc, "config.data.eval_batch_size" if batch_size is None else "batch_size"
   )
-  transform = transforms.EvalTransform.from_config(data_config, as_uint8=as_uint8)
   split = data_config.eval_split if split is None else split
   source = _source(data_config, split)
+  if isinstance(source, tokens.TokensSource):
+    transform = tokens.EvalTokens()
+  else:
+    transform = transforms.EvalTransform.from_config(data_config, as_uint8=as_uint8)
   n = len(source)
   if num_examples is not None:
     if num_examples < 1:
@@ -185,6 +191,21 @@ def num_examples(data_config, split: str) -> int:
   return len(sources.get_source(data_config, split))
 
 
+def image_data_config(data_config):
+  """`data_config` itself, or for a `tokens:` source the image source the codes were made from.
+
+  Evaluation compares samples with real images, which a tokens dir does not hold.
+  """
+  name, _, arg = str(data_config.source).partition(":")
+  if name != "tokens":
+    return data_config
+  meta = tokens.read_meta(arg)
+  out = data_config.copy_and_resolve_references()
+  with out.unlocked():
+    out.source = meta["image_source"]
+  return out
+
+
 def load_images(data_config, split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The first `n` (default all) examples of `split`, center-cropped like eval, in this process.
 
@@ -193,6 +214,7 @@ def load_images(data_config, split: str, n: int | None = None) -> tuple[np.ndarr
   Returns:
     `(images uint8 [N, H, W, C], labels int32 [N])`.
   """
+  data_config = image_data_config(data_config)
   ds = _eval_dataset(
     data_config, split, data_config.eval_batch_size, n, 0, 1, as_uint8=True
   ).to_iter_dataset(_read_options(data_config))
@@ -212,6 +234,13 @@ def input_spec(data_config, batch_size: int | None = None) -> dict[str, np.ndarr
   """
   transforms.check_config(data_config)
   b = data_config.batch_size if batch_size is None else batch_size
+  name, _, arg = str(data_config.source).partition(":")
+  if name == "tokens":
+    grid = tokens.read_meta(arg)["grid"]
+    return {
+      "tokens": np.zeros((b, int(np.prod(grid))), np.int32),
+      "label": np.zeros((b,), np.int32),
+    }
   size, c = data_config.image_size, data_config.channels
   return {
     "image": np.zeros((b, size, size, c), np.float32),

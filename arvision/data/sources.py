@@ -10,6 +10,8 @@ Sources (`SOURCES`; add one with `register_source`):
   - `tfds:<name>`: a TFDS dataset already prepared in array_record format under the data dir.
   - `folder:<path>`: class-per-folder images decoded with Pillow (see `FolderSource`).
   - `synthetic`: deterministic images with class-dependent gratings, any size; for tests.
+  - `tokens:<dir>`: pre-extracted tokenizer codes (`arvision tokenize`; see `tokens.py`), examples
+    `{"tokens": int32 [views, h*w], "label": int}`.
 """
 
 from __future__ import annotations
@@ -323,6 +325,15 @@ register_source("fashion_mnist", _fashion_mnist, False, "fashion_mnist")
 register_source("synthetic", _synthetic, False, "synthetic")
 register_source("tfds", _tfds, True, "tfds:<name>")
 register_source("folder", _folder, True, "folder:<path>")
+
+
+def _tokens(arg: str, data_config, split: str):
+  from arvision.data.tokens import TokensSource
+
+  return TokensSource(arg, split)
+
+
+register_source("tokens", _tokens, True, "tokens:<dir written by arvision tokenize>")
 
 
 def get_source(data_config, split: str):

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from arvision.family import Family
+from arvision.parallel.logical import constrain, param_init
+
+_CONV = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
 class CNN(nn.Module):
@@ -40,13 +43,32 @@ class CNN(nn.Module):
     x = x_BxHxWxC
     for s, width in enumerate(self.widths):
       for i in range(self.convs_per_stage):
-        x = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"conv{s}_{i}")(x))
+        x = nn.Conv(
+          width,
+          (3, 3),
+          padding="SAME",
+          kernel_init=param_init(nn.linear.default_kernel_init, _CONV),
+          bias_init=param_init(nn.initializers.zeros, ("conv_out",)),
+          name=f"conv{s}_{i}",
+        )(x)
+        x = constrain(nn.relu(x), ("batch", None, None, "conv_out"))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    feats_BxD = nn.relu(nn.Dense(self.features, name="penultimate")(x))
+    feats_BxD = nn.Dense(
+      self.features,
+      kernel_init=param_init(nn.linear.default_kernel_init, ("embed", "mlp")),
+      bias_init=param_init(nn.initializers.zeros, ("mlp",)),
+      name="penultimate",
+    )(x)
+    feats_BxD = nn.relu(feats_BxD)
     h = nn.Dropout(self.dropout, deterministic=not train)(feats_BxD)
-    logits_BxK = nn.Dense(self.num_classes, name="head")(h)
+    logits_BxK = nn.Dense(
+      self.num_classes,
+      kernel_init=param_init(nn.linear.default_kernel_init, ("mlp", "classes")),
+      bias_init=param_init(nn.initializers.zeros, ("classes",)),
+      name="head",
+    )(h)
     return feats_BxD, logits_BxK
 
 
@@ -91,7 +113,7 @@ class Classifier(Family):
         " float32 in [-1, 1] (data.image_size, data.channels)"
       )
 
-  def init(self, rng, batch):
+  def init_annotated(self, rng, batch):
     images = batch["image"]
     self._check_images(images)
     x = jnp.zeros((1,) + self.image_shape, jnp.float32)

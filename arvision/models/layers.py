@@ -7,6 +7,11 @@ fused `mat_qkv` (no bias) plus `q_bias`/`v_bias` params and an implicit zero k b
 Weight layout: a torch `Linear.weight` is `[out, in]`; a flax `Dense.kernel` is `[in, out]`, so the
 official "rows [2C:] of ada_lin.weight" are columns `[:, 2C:]` of our kernel.
 
+Logical axes (`arvision.parallel.logical`): the fused `mat_qkv` kernel is `(embed, heads)` (its 3C
+outputs are split contiguously; q/k/v are then constrained to `(batch, seq, heads, kv)`), `proj`
+`(heads, embed)`, `fc1` `(embed, mlp)`, `fc2` `(mlp, embed)`; the AdaLN linears' 6C / 2C outputs are
+named `mlp` (column-split like an FFN hidden; their `[B, 6C]` outputs are tiny to gather).
+
 KV cache: every attention call can take a preallocated `(k, v)` cache of shape `[B, L, H, hd]`;
 the current tokens' k/v are written at a static offset and the queries attend to the valid prefix.
 """
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from arvision.ops.attention import attention
+from arvision.parallel.logical import constrain, param_init
 from arvision.sampling.kv_cache import KVCache, update_kv_cache
 
 
@@ -142,16 +148,21 @@ class SelfAttention(nn.Module):
       raise ValueError(f"width {C} is not divisible by num_heads={self.num_heads}")
     H, hd = self.num_heads, C // self.num_heads
     kinit = trunc_normal_init(self.init_std)
-    qkv = nn.Dense(3 * C, use_bias=False, kernel_init=kinit, name="mat_qkv")(x_BxLxC)
-    q_bias = self.param("q_bias", nn.initializers.zeros, (C,))
-    v_bias = self.param("v_bias", nn.initializers.zeros, (C,))
+    qkv = nn.Dense(
+      3 * C, use_bias=False, kernel_init=param_init(kinit, ("embed", "heads")), name="mat_qkv"
+    )(x_BxLxC)
+    q_bias = self.param("q_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
+    v_bias = self.param("v_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
     # The k bias is a zero buffer in the official code: not a parameter.
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(B, L, 3, H, hd)  # torch: view(B, L, 3, H, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv_names = ("batch", "seq", "heads", "kv")
+    q, k, v = (constrain(qkv[:, :, i], qkv_names) for i in range(3))
 
     if self.attn_l2_norm:
-      scale_mul_H = self.param("scale_mul", nn.initializers.constant(math.log(4.0)), (H,))
+      scale_mul_H = self.param(
+        "scale_mul", param_init(nn.initializers.constant(math.log(4.0)), ("heads",)), (H,)
+      )
       scale_mul_H = jnp.exp(jnp.minimum(scale_mul_H, math.log(100.0)))
       q = l2_normalize(q) * scale_mul_H[:, None].astype(q.dtype)
       k = l2_normalize(k)
@@ -168,9 +179,14 @@ class SelfAttention(nn.Module):
       v = v_cache[:, : cache_index + L].astype(q.dtype)
 
     out = attention(q, k, v, mask=mask, impl=self.attn_impl, scale=scale, q_offset=cache_index)
-    out = out.reshape(B, L, C)
+    out = constrain(out, qkv_names).reshape(B, L, C)
     proj_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
-    out = nn.Dense(C, kernel_init=proj_init, bias_init=nn.initializers.zeros, name="proj")(out)
+    out = nn.Dense(
+      C,
+      kernel_init=param_init(proj_init, ("heads", "embed")),
+      bias_init=param_init(nn.initializers.zeros, ("embed",)),
+      name="proj",
+    )(out)
     return out, new_cache
 
 
@@ -185,10 +201,20 @@ class FFN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     C = x.shape[-1]
     kinit = trunc_normal_init(self.init_std)
-    h = nn.Dense(self.hidden, kernel_init=kinit, bias_init=nn.initializers.zeros, name="fc1")(x)
-    h = nn.gelu(h, approximate=True)
+    h = nn.Dense(
+      self.hidden,
+      kernel_init=param_init(kinit, ("embed", "mlp")),
+      bias_init=param_init(nn.initializers.zeros, ("mlp",)),
+      name="fc1",
+    )(x)
+    h = constrain(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))
     fc2_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
-    return nn.Dense(C, kernel_init=fc2_init, bias_init=nn.initializers.zeros, name="fc2")(h)
+    return nn.Dense(
+      C,
+      kernel_init=param_init(fc2_init, ("mlp", "embed")),
+      bias_init=param_init(nn.initializers.zeros, ("embed",)),
+      name="fc2",
+    )(h)
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -256,19 +282,24 @@ class AdaLNSelfAttn(nn.Module):
         mult = jnp.asarray([self.alng] * 2 + [self.aln] * 4, dtype)[None, None, :, None]
         return w * mult
 
-      ada_gss = self.param("ada_gss", gss_init, (1, 1, 6, C))
+      ada_gss = self.param(
+        "ada_gss", param_init(gss_init, (None, None, None, "embed")), (1, 1, 6, C)
+      )
       ada_Bx1x6xC = ada_gss + cond
     else:
       ada = nn.Dense(
         6 * C,
-        kernel_init=adaln_kernel_init(self.init_std, self.aln, self.alng),
-        bias_init=nn.initializers.zeros,
+        kernel_init=param_init(
+          adaln_kernel_init(self.init_std, self.aln, self.alng), ("embed", "mlp")
+        ),
+        bias_init=param_init(nn.initializers.zeros, ("mlp",)),
         name="ada_lin",
       )(nn.silu(cond))
       ada_Bx1x6xC = ada.reshape(-1, 1, 6, C)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = [ada_Bx1x6xC[:, :, i] for i in range(6)]
 
     need_rng = not deterministic and self.drop_path_rate > 0
+    x_BxLxC = constrain(x_BxLxC, ("batch", "seq", "embed"))
     h = layer_norm(x_BxLxC, self.norm_eps) * (1 + scale1) + shift1
     h, new_cache = SelfAttention(
       num_heads=self.num_heads,
@@ -287,7 +318,7 @@ class AdaLNSelfAttn(nn.Module):
     )
     rng = self.make_rng("dropout") if need_rng else None
     x_BxLxC = x_BxLxC + drop_path(h * gamma2, self.drop_path_rate, rng, deterministic)
-    return x_BxLxC, new_cache
+    return constrain(x_BxLxC, ("batch", "seq", "embed")), new_cache
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -302,8 +333,10 @@ class AdaLNBeforeHead(nn.Module):
     C = x_BxLxC.shape[-1]
     ada = nn.Dense(
       2 * C,
-      kernel_init=scaled_init(trunc_normal_init(self.init_std), self.init_adaln),
-      bias_init=nn.initializers.zeros,
+      kernel_init=param_init(
+        scaled_init(trunc_normal_init(self.init_std), self.init_adaln), ("embed", "mlp")
+      ),
+      bias_init=param_init(nn.initializers.zeros, ("mlp",)),
       name="ada_lin",
     )(nn.silu(cond_BxD)).reshape(-1, 1, 2, C)
     scale, shift = ada[:, :, 0], ada[:, :, 1]

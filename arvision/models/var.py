@@ -32,6 +32,7 @@ from arvision.models.layers import (
   trunc_normal_init,
 )
 from arvision.ops import masks
+from arvision.parallel.logical import constrain, param_init
 from arvision.sampling.kv_cache import init_kv_caches
 from arvision.sampling.topk import cfg_mix, filter_top_k_top_p, gumbel_softmax
 
@@ -102,14 +103,26 @@ class VAR(nn.Module):
     tn = trunc_normal_init(std)
     zeros = nn.initializers.zeros
     first_l = self.lengths[0]
-    self.word_embed = nn.Dense(C, kernel_init=tn, bias_init=zeros)
-    self.class_emb = nn.Embed(self.num_classes + 1, C, embedding_init=tn)
+    embed_b = param_init(zeros, ("embed",))
+    self.word_embed = nn.Dense(
+      C, kernel_init=param_init(tn, ("latent", "embed")), bias_init=embed_b
+    )
+    self.class_emb = nn.Embed(
+      self.num_classes + 1, C, embedding_init=param_init(tn, ("classes", "embed"))
+    )
     # pos_* are initialised in the official constructor with the automatic std, never re-inited.
-    self.pos_start = self.param("pos_start", trunc_normal_init(auto_std), (1, first_l, C))
-    self.pos_1LC = self.param("pos_1LC", trunc_normal_init(auto_std), (1, self.seq_len, C))
-    self.lvl_embed = nn.Embed(len(self.patch_nums), C, embedding_init=tn)
+    pos_init = param_init(trunc_normal_init(auto_std), (None, "seq", "embed"))
+    self.pos_start = self.param("pos_start", pos_init, (1, first_l, C))
+    self.pos_1LC = self.param("pos_1LC", pos_init, (1, self.seq_len, C))
+    self.lvl_embed = nn.Embed(
+      len(self.patch_nums), C, embedding_init=param_init(tn, (None, "embed"))
+    )
     if self.shared_aln:
-      self.shared_ada_lin = nn.Dense(6 * C, kernel_init=tn, bias_init=zeros)
+      self.shared_ada_lin = nn.Dense(
+        6 * C,
+        kernel_init=param_init(tn, ("embed", "mlp")),
+        bias_init=param_init(zeros, ("mlp",)),
+      )
     dpr = drop_path_rates(self.drop_path_rate, self.depth)
     self.blocks = [
       AdaLNSelfAttn(
@@ -129,7 +142,9 @@ class VAR(nn.Module):
     ]
     self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
     self.head = nn.Dense(
-      self.vocab_size, kernel_init=scaled_init(tn, self.init_head), bias_init=zeros
+      self.vocab_size,
+      kernel_init=param_init(scaled_init(tn, self.init_head), ("embed", "vocab")),
+      bias_init=param_init(zeros, ("vocab",)),
     )
 
   # --- pieces shared by training and cached decoding -------------------------------------------
@@ -147,7 +162,7 @@ class VAR(nn.Module):
   def _logits(self, x_BxLxC: jax.Array, cond_BxD: jax.Array) -> jax.Array:
     # fp32 island, as the official `get_logits` (`.float()`).
     x = self.head_nm(x_BxLxC.astype(jnp.float32), cond_BxD.astype(jnp.float32))
-    return self.head(x).astype(jnp.float32)
+    return constrain(self.head(x).astype(jnp.float32), ("batch", "seq", "vocab"))
 
   # --- training forward ------------------------------------------------------------------------
 
@@ -177,7 +192,7 @@ class VAR(nn.Module):
     sos = cond_BxD[:, None, :] + self.pos_start
     sos = jnp.broadcast_to(sos, (B, first_l, self.width))
     x = jnp.concatenate([sos, self.word_embed(x_BxLm1xCvae.astype(jnp.float32))], axis=1)
-    x = x + self._lvl_pos()
+    x = constrain(x + self._lvl_pos(), ("batch", "seq", "embed"))
 
     cond = self._block_cond(cond_BxD)
     mask = masks.scale_causal(self.lengths)
@@ -293,7 +308,7 @@ class VARFamily(Family):
     """Param shapes (`jax.eval_shape`, nothing allocated)."""
     return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
 
-  def init(self, rng: jax.Array, batch) -> dict:
+  def init_annotated(self, rng: jax.Array, batch) -> dict:
     """The VAR params only (the loop adds `params["tokenizer"]`). `batch` is not needed."""
     del batch
     label = jnp.zeros((1,), jnp.int32)

@@ -1,12 +1,14 @@
-"""Mesh from config and the shardings the loop needs.
+"""Mesh from config, batch sharding, global batch assembly and multi-process start-up.
 
 Mesh axes are ("data", "fsdp", "tensor") with Auto axis types (GSPMD propagation); `-1` in
-`config.mesh` means "all remaining devices". Batches are split over ("data", "fsdp").
+`config.mesh` means "all remaining devices". Batches are split over ("data", "fsdp"). How params
+are split is the strategy's rules table (`arvision.parallel.rules`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -15,8 +17,6 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-# The sharding issue adds fsdp / tp / fsdp_tp / hsdp rules tables behind the same call.
-STRATEGIES = ("dp",)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -48,15 +48,38 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def state_shardings(abstract_state, mesh, sharding_config):
-  """A sharding for every leaf of the (abstract) train state under `sharding.strategy`."""
-  strategy = sharding_config.strategy
-  if strategy not in STRATEGIES:
-    raise ValueError(
-      f"config.sharding.strategy={strategy!r} is not available; accepted: "
-      f"{STRATEGIES} (fsdp/tp/fsdp_tp/hsdp come with the sharding issue)"
-    )
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when the environment describes a multi-process job.
+
+  Triggers: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or a cluster
+  that fills them in), or a detected cluster (SLURM with more than one task, Open MPI, a Cloud TPU
+  pod slice with several workers, Kubernetes JobSet). `ARVISION_DISTRIBUTED=0` disables it,
+  `=1` forces it (all arguments from the environment). Returns whether it initialised. Must run
+  before any other JAX call touches the devices.
+  """
+  flag = os.environ.get("ARVISION_DISTRIBUTED", "")
+  if flag == "0" or _distributed_is_initialized():
+    return False
+  env = os.environ
+  wanted = (
+    flag == "1"
+    or "JAX_COORDINATOR_ADDRESS" in env
+    or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    or "JOBSET_NAME" in env
+  )
+  if not wanted:
+    return False
+  jax.distributed.initialize()
+  return True
+
+
+def _distributed_is_initialized() -> bool:
+  try:
+    return bool(jax.distributed.is_initialized())
+  except AttributeError:  # older jax
+    return False
 
 
 def global_batch(local_batch: dict, mesh) -> dict:

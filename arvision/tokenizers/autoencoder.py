@@ -42,8 +42,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arvision.parallel.logical import param_init
+
 # PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Logical axes of every conv kernel (HWIO) and bias.
+CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
 def num_groups(channels: int) -> int:
@@ -58,7 +62,13 @@ def num_groups(channels: int) -> int:
 
 
 def Normalize(channels: int, name: str | None = None) -> nn.GroupNorm:  # noqa: N802 (LDM name)
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, name=name)
+  return nn.GroupNorm(
+    num_groups=num_groups(channels),
+    epsilon=1e-6,
+    scale_init=param_init(nn.initializers.ones, ("norm",)),
+    bias_init=param_init(nn.initializers.zeros, ("norm",)),
+    name=name,
+  )
 
 
 def Conv(features: int, kernel: int, stride: int = 1, name: str | None = None, pad: bool = True):  # noqa: N802
@@ -69,8 +79,8 @@ def Conv(features: int, kernel: int, stride: int = 1, name: str | None = None, p
     (kernel, kernel),
     strides=(stride, stride),
     padding=((p, p), (p, p)),
-    kernel_init=torch_conv_init,
-    bias_init=nn.initializers.zeros,
+    kernel_init=param_init(torch_conv_init, CONV_AXES),
+    bias_init=param_init(nn.initializers.zeros, ("conv_out",)),
     name=name,
   )
 

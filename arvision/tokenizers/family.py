@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -34,7 +35,7 @@ from arvision.family import Family
 from arvision.tokenizers import losses as L
 from arvision.tokenizers import metrics as M
 from arvision.tokenizers import quantizers as Q
-from arvision.tokenizers.autoencoder import Autoencoder
+from arvision.tokenizers.autoencoder import CONV_AXES, Autoencoder
 
 TYPES = ("msvq", "vq", "kl")
 
@@ -159,14 +160,14 @@ class TokenizerFamily(Family):
   def _dummy(self, batch_size: int = 1) -> jax.Array:
     return jnp.zeros((batch_size, self.image_size, self.image_size, self.channels), jnp.float32)
 
-  def init(self, rng: jax.Array, batch=None) -> dict:
+  def init_annotated(self, rng: jax.Array, batch=None) -> dict:
     """`{"ae": ..., "disc"?: ...}`. Only the image shape of `batch` matters (None: from the config)."""
     x = self._dummy() if batch is None or "image" not in batch else jnp.asarray(batch["image"])[:1]
     k_ae, k_disc, k_s = jax.random.split(rng, 3)
     ae = self.module.init({"params": k_ae, "sample": k_s, "dropout": k_s}, x, train=False)["params"]
     params = {"ae": ae}
     if self.disc is not None:
-      params["disc"] = self.disc.init(k_disc, x)["params"]
+      params["disc"] = _annotate_convnet(self.disc.init(k_disc, x)["params"])
     return params
 
   def abstract_params(self):
@@ -282,6 +283,26 @@ class TokenizerFamily(Family):
     """KL: images in [-1, 1] from scaled latents (divides by scale_factor first)."""
     self._need("kl", what="decode_latent")
     return self.decode_fhat(params, z / self.scale_factor)
+
+
+def _annotate_convnet(tree):
+  """Boxes a plain conv-net param tree (the PatchGAN) with logical names: 4-D `kernel`s HWIO, the
+  `bias` next to a kernel `conv_out`, other 1-D leaves (GroupNorm scale/bias) `norm`."""
+
+  def walk(d):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out[k] = walk(v)
+      elif k == "kernel" and v.ndim == 4:
+        out[k] = nn.LogicallyPartitioned(v, CONV_AXES)
+      elif v.ndim == 1:
+        out[k] = nn.LogicallyPartitioned(v, ("conv_out",) if "kernel" in d else ("norm",))
+      else:
+        raise ValueError(f"discriminator param {k!r} of shape {v.shape} has no logical names")
+    return out
+
+  return walk(dict(tree))
 
 
 def build(config, tokenizer: Family | None = None, perceptual_fn: L.PerceptualFn | None = None):

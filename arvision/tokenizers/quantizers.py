@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arvision.ops.resize import area, bicubic
+from arvision.parallel.logical import param_init
 from arvision.tokenizers.metrics import codebook_usage
 
 _HI = jax.lax.Precision.HIGHEST
@@ -84,7 +85,9 @@ class VectorQuantizer(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-      "embedding", codebook_init(self.eini, self.vocab_size), (self.vocab_size, self.dim)
+      "embedding",
+      param_init(codebook_init(self.eini, self.vocab_size), ("vocab", "latent")),
+      (self.vocab_size, self.dim),
     )
 
   def codebook(self) -> jax.Array:
@@ -169,10 +172,13 @@ class Phi(nn.Module):
   def __call__(self, h_BxHxWxC: jax.Array) -> jax.Array:
     kernel = self.param(
       "kernel",
-      nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+      param_init(
+        nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        ("conv_h", "conv_w", "conv_in", "conv_out"),
+      ),
       (3, 3, self.dim, self.dim),
     )
-    bias = self.param("bias", nn.initializers.zeros, (self.dim,))
+    bias = self.param("bias", param_init(nn.initializers.zeros, ("conv_out",)), (self.dim,))
     y = jax.lax.conv_general_dilated(
       h_BxHxWxC,
       kernel.astype(h_BxHxWxC.dtype),
@@ -213,7 +219,9 @@ class MultiScaleVQ(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-      "embedding", codebook_init(self.eini, self.vocab_size), (self.vocab_size, self.dim)
+      "embedding",
+      param_init(codebook_init(self.eini, self.vocab_size), ("vocab", "latent")),
+      (self.vocab_size, self.dim),
     )
     self.phi_table = phi_index_table(len(self.patch_nums), self.share_quant_resi)
     if abs(self.quant_resi) > 1e-6:

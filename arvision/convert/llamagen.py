@@ -1,0 +1,153 @@
+"""FoundationVision/LlamaGen checkpoints -> arvision: `vq_ds16_c2i.pt` and `c2i_{B,L,XL,XXL,3B}_*.pt`.
+
+    arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/llamagen_vq
+    arvision convert llamagen c2i_L_256.pt [--vae runs/llamagen_vq] --out runs/llamagen_L
+
+Without `--vae` the generator export has no tokenizer params and can't decode; pass the converted
+VQ dir (or the official `vq_ds16_c2i.pt`).
+
+Key layout. The VQ model names its modules `conv_blocks.<i>.res.<j>` / `.attn.<j>` and
+`mid.<0|1|2>`; they are renamed to the LDM tree of `arvision/tokenizers/autoencoder.py` (encoder
+`conv_blocks.<i>` -> `down_<i>`, decoder `conv_blocks.<k>` -> `up_<L-1-k>`, `res` -> `block`,
+`mid.0/1/2` -> `mid/block_1`, `mid/attn_1`, `mid/block_2`), then the common rules apply (Linear
+[out, in] -> [in, out], conv OIHW -> HWIO). The GPT's names map 1:1 (`layers.3.attention.wqkv` ->
+`layers_3/attention/wqkv/kernel`). Skipped buffers: `quantize.codebook_used` (usage statistics),
+`freqs_cis`, KV caches and `causal_mask` (recomputed).
+
+Checkpoint layouts: weights under "model" (DDP), "module" (DeepSpeed), "state_dict", or a raw state
+dict (FSDP), as the official sampling scripts read them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import ml_collections as mlc
+
+from arvision import checkpoint as ckpt_lib
+from arvision import config_util, families
+from arvision.convert import common
+
+
+def vq_renames(num_levels: int) -> tuple:
+  """Renames of the LlamaGen VQ keys to the LDM tree (`num_levels` = len(ch_mult))."""
+  return (
+    (r"^encoder\.conv_blocks\.(\d+)\.", r"encoder.down.\1."),
+    (
+      r"^decoder\.conv_blocks\.(\d+)\.",
+      lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}.",
+    ),
+    (r"\.res\.(\d+)\.", r".block.\1."),
+    (r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid\.1\.", r"\1.mid.attn_1."),
+    (r"^(encoder|decoder)\.mid\.2\.", r"\1.mid.block_2."),
+    (r"^quantize\.embedding\.weight$", r"quantize.embedding"),
+  )
+
+
+VQ_SKIP = (r"quantize\.codebook_used",)
+GPT_SKIP = (r"freqs_cis", r"causal_mask", r"layers\.\d+\.attention\.kv_cache\.(k|v)_cache")
+
+
+def vq_config(variant: str = "llamagen_vq16", image_size: int | None = None) -> mlc.ConfigDict:
+  c = config_util.load_config_file(f"tokenizer.py:{variant}")
+  if image_size:
+    with c.unlocked():
+      c.data.image_size = int(image_size)
+  return c
+
+
+def convert_vq(state_dict: dict, config=None) -> tuple[dict, mlc.ConfigDict]:
+  """LlamaGen VQModel state dict -> (tokenizer params `{"ae": ...}`, tokenizer config)."""
+  config = config or vq_config()
+  family = families.build(config)
+  ae = common.convert(
+    state_dict,
+    family.abstract_params()["ae"],
+    renames=vq_renames(len(config.model.ch_mult)),
+    skip=VQ_SKIP,
+    what="LlamaGen VQ checkpoint",
+  )
+  return {"ae": ae}, config
+
+
+def _image_size_from_name(path: str) -> int | None:
+  m = re.search(r"_(\d{3,4})\.(pt|pth|bin|safetensors)$", os.path.basename(path))
+  return int(m.group(1)) if m else None
+
+
+def gpt_config(state_dict: dict, image_size: int | None = None) -> mlc.ConfigDict:
+  """The `configs/raster.py` variant whose shapes match the checkpoint (depth and width)."""
+  if "tok_embeddings.weight" not in state_dict:
+    raise ValueError(
+      "LlamaGen GPT checkpoint: no 'tok_embeddings.weight' (is this a VQ checkpoint? use "
+      "`arvision convert llamagen_vq`)"
+    )
+  n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
+  vocab, dim = state_dict["tok_embeddings.weight"].shape
+  spec = _raster_module().RASTER_MODELS
+  names = [n for n, v in spec.items() if v["n_layer"] == n_layer and v["dim"] == dim]
+  if not names:
+    raise ValueError(
+      f"checkpoint has {n_layer} layers of width {dim}; no official LlamaGen variant matches "
+      f"(known: { {n: (v['n_layer'], v['dim']) for n, v in spec.items()} })"
+    )
+  arg = names[0] + (f",image_size={image_size}" if image_size else "")
+  config = config_util.load_config_file(f"raster.py:{arg}")
+  with config.unlocked():
+    classes = state_dict["cls_embedding.embedding_table.weight"].shape[0] - 1
+    config.data.num_classes = int(classes)
+    config.tokenizer.config.model.vocab_size = int(vocab)
+  return config
+
+
+def _raster_module():
+  import importlib.util  # noqa: PLC0415
+
+  path = os.path.join(config_util.CONFIG_DIR, "raster.py")
+  spec = importlib.util.spec_from_file_location("arvision_config_raster_table", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def convert_gpt(state_dict: dict, config) -> dict:
+  """LlamaGen GPT state dict -> raster params (the tokenizer is converted separately)."""
+  tokenizer = families.build(config.tokenizer.config)
+  family = families.build(config, tokenizer=tokenizer)
+  return common.convert(
+    state_dict, family.abstract_params(), skip=GPT_SKIP, what="LlamaGen GPT checkpoint"
+  )
+
+
+def _tokenizer_from(vae: str, image_size: int):
+  """`--vae` is an `arvision convert llamagen_vq` output dir or the official `.pt`."""
+  if os.path.isdir(vae):
+    loaded = ckpt_lib.load_params(vae)
+    config = ckpt_lib.read_config(vae)
+    with config.unlocked():
+      config.data.image_size = image_size  # the conv tokenizer works at any multiple of 16
+    return loaded["params"], config
+  return convert_vq(common.load_torch_state_dict(vae), vq_config(image_size=image_size))
+
+
+def main_llamagen_vq(path: str, out: str) -> str:
+  params, config = convert_vq(common.load_torch_state_dict(path))
+  ckpt_lib.save_export(out, params, {}, config)
+  return out
+
+
+def main_llamagen(path: str, out: str, vae: str | None = None, image_size: int | None = None):
+  sd = common.load_torch_state_dict(path)
+  config = gpt_config(sd, image_size or _image_size_from_name(path))
+  frozen = {}
+  if vae:
+    tok_params, tok_config = _tokenizer_from(vae, int(config.data.image_size))
+    frozen["tokenizer"] = tok_params
+    with config.unlocked():
+      config.tokenizer.config = tok_config
+      config.tokenizer.checkpoint = os.path.abspath(vae)
+  params = convert_gpt(sd, config)
+  ckpt_lib.save_export(out, params, frozen, config)
+  return out

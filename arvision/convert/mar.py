@@ -1,0 +1,121 @@
+"""LTH14/mar checkpoints -> arvision: the KL-16 VAE `kl16.ckpt` and `checkpoint-last.pth`.
+
+    arvision convert mar_vae kl16.ckpt --out runs/mar_vae
+    arvision convert mar checkpoint-last.pth --vae runs/mar_vae --ema --out runs/mar_base
+
+Key layout: torch `a.0.b` -> flax `a_0/b` (`common.convert`); Linear weights are transposed, conv
+weights go OIHW -> HWIO, LayerNorm weight -> `scale`, `class_emb.weight` -> `embedding`. The MAR
+names are the official ones (`encoder_blocks_{i}/attn/qkv`, `diffloss/net/res_blocks_{i}/...`,
+see `arvision/models/mar.py` and `heads.py`); nothing is renamed. `checkpoint-last.pth` holds
+`model` and `model_ema` (EMA, what the paper evaluates: `--ema`). The variant (B/L/H), the
+DiffLoss MLP size and the number of classes are read from the checkpoint's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections as mlc
+
+from arvision import checkpoint as ckpt_lib
+from arvision import config_util, families
+from arvision.convert import common
+
+# Training-only keys some LDM-style VAE checkpoints carry (discriminator / LPIPS of the loss).
+VAE_SKIP = (r"loss\..*",)
+
+
+def vae_config(variant: str = "mar_kl16") -> mlc.ConfigDict:
+  return config_util.load_config_file(f"tokenizer.py:{variant}")
+
+
+def convert_vae(state_dict: dict, config=None) -> tuple[dict, mlc.ConfigDict]:
+  """MAR's `AutoencoderKL` state dict -> (tokenizer params `{"ae": ...}`, tokenizer config)."""
+  config = config or vae_config()
+  family = families.build(config)
+  ae = common.convert(
+    state_dict, family.abstract_params()["ae"], skip=VAE_SKIP, what="MAR KL-VAE checkpoint"
+  )
+  return {"ae": ae}, config
+
+
+def _count(state_dict: dict, prefix: str) -> int:
+  idx = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+  return 1 + max(idx) if idx else 0
+
+
+def detect_config(state_dict: dict) -> mlc.ConfigDict:
+  """The `configs/mar.py` variant whose (depth, width) match the checkpoint, with the checkpoint's
+  DiffLoss MLP (depth, width) and number of classes."""
+  for key in ("z_proj.weight", "class_emb.weight", "diffloss.net.input_proj.weight"):
+    if key not in state_dict:
+      raise ValueError(f"not a MAR checkpoint: key {key!r} is missing")
+  depth = _count(state_dict, "encoder_blocks.")
+  width = int(state_dict["z_proj.weight"].shape[0])
+  found = None
+  for variant in ("B", "L", "H"):
+    c = config_util.load_config_file(f"mar.py:{variant}")
+    if (c.model.encoder_depth, c.model.encoder_embed_dim) == (depth, width):
+      found = c
+  if found is None:
+    raise ValueError(
+      f"checkpoint has {depth} encoder blocks of width {width}; no official MAR variant "
+      "(B: 12 x 768, L: 16 x 1024, H: 20 x 1280)"
+    )
+  config = mlc.ConfigDict(found.to_dict())
+  config.model.diffloss_d = _count(state_dict, "diffloss.net.res_blocks.")
+  config.model.diffloss_w = int(state_dict["diffloss.net.input_proj.weight"].shape[0])
+  config.data.num_classes = int(state_dict["class_emb.weight"].shape[0])
+  return config
+
+
+def convert_mar(state_dict: dict, config) -> dict:
+  """MAR state dict (`model` or `model_ema`) -> MAR params (the tokenizer is converted apart)."""
+  tokenizer = families.build(config.tokenizer.config)
+  family = families.build(config, tokenizer=tokenizer)
+  return common.convert(state_dict, family.abstract_params(), what="MAR checkpoint")
+
+
+def load_mar_state_dict(path: str, ema: bool = False) -> dict:
+  """`model` (or with `ema` the `model_ema`) of an official `checkpoint-*.pth`, as numpy."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+      "reading PyTorch checkpoints needs torch: pip install 'arvision[convert]'"
+    ) from e
+  obj = torch.load(path, map_location="cpu", weights_only=False)
+  if ema:
+    if not isinstance(obj, dict) or "model_ema" not in obj:
+      keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+      raise ValueError(f"{path}: --ema needs a 'model_ema' entry; the checkpoint has {keys}")
+    return common.unwrap_state_dict(obj["model_ema"], f"{path}[model_ema]")
+  return common.unwrap_state_dict(obj, path)
+
+
+def _tokenizer_from(vae: str):
+  """`--vae` is an `arvision convert mar_vae` output dir or the official `kl16.ckpt`."""
+  if os.path.isdir(vae):
+    loaded = ckpt_lib.load_params(vae)
+    return loaded["params"], ckpt_lib.read_config(vae)
+  return convert_vae(common.load_torch_state_dict(vae))
+
+
+def main_mar_vae(path: str, out: str) -> str:
+  params, config = convert_vae(common.load_torch_state_dict(path))
+  ckpt_lib.save_export(out, params, {}, config)
+  return out
+
+
+def main_mar(path: str, out: str, vae: str | None = None, ema: bool = False) -> str:
+  if not vae:
+    raise ValueError("converting a MAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)")
+  sd = load_mar_state_dict(path, ema=ema)
+  config = detect_config(sd)
+  tok_params, tok_config = _tokenizer_from(vae)
+  with config.unlocked():
+    config.tokenizer.config = tok_config
+    config.tokenizer.checkpoint = os.path.abspath(vae)
+  params = convert_mar(sd, config)
+  ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
+  return out

@@ -1,0 +1,270 @@
+"""Per-token generative heads: MAR's diffusion loss (`DiffusionHead`) and its MLP.
+
+A port of the official `models/diffloss.py` (LTH14/mar): `SimpleMLPAdaLN` (time embedding + cond
+embedding summed into y, AdaLN residual MLP blocks, AdaLN final layer) and `DiffLoss`, which trains
+with a 1000-step cosine Gaussian diffusion (eps prediction, learned-range variance, MSE + VB) and
+samples with a respaced copy of it.
+
+Parameter names (flax, under the head) -> official state_dict keys (under `diffloss.`):
+
+  net/time_embed/mlp_0/{kernel,bias}            net.time_embed.mlp.0.{weight,bias}
+  net/time_embed/mlp_2/{kernel,bias}            net.time_embed.mlp.2.{weight,bias}
+  net/cond_embed/{kernel,bias}                  net.cond_embed.{weight,bias}
+  net/input_proj/{kernel,bias}                  net.input_proj.{weight,bias}
+  net/res_blocks_{i}/in_ln/{scale,bias}         net.res_blocks.{i}.in_ln.{weight,bias}
+  net/res_blocks_{i}/mlp_0/{kernel,bias}        net.res_blocks.{i}.mlp.0.{weight,bias}
+  net/res_blocks_{i}/mlp_2/{kernel,bias}        net.res_blocks.{i}.mlp.2.{weight,bias}
+  net/res_blocks_{i}/adaLN_modulation_1/...     net.res_blocks.{i}.adaLN_modulation.1.{weight,bias}
+  net/final_layer/linear/{kernel,bias}          net.final_layer.linear.{weight,bias}
+  net/final_layer/adaLN_modulation_1/...        net.final_layer.adaLN_modulation.1.{weight,bias}
+
+i.e. "." -> "/", a Sequential index `.k.` -> `_k`, `weight` -> `kernel` (transposed, torch Linear
+is `[out, in]`) for Dense and -> `scale` for LayerNorm. `final_layer.norm_final` has no params.
+Logical axes: the head width W is `embed`, expanded hidden outputs (time MLP hidden, the W->W
+block MLP hidden, the 3W / 2W AdaLN outputs) are `mlp`, the token dim is `latent`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arvision.diffusion.gaussian import create_diffusion
+from arvision.models.layers import layer_norm
+from arvision.parallel.logical import param_init
+
+_ZEROS = nn.initializers.zeros
+_ONES = nn.initializers.ones
+_XAVIER = nn.initializers.xavier_uniform()
+
+
+def _dense(features: int, names: tuple, name: str, kernel_init=_XAVIER) -> nn.Dense:
+  """A Dense with a zero bias, both annotated with logical `names` (kernel `[in, out]`)."""
+  return nn.Dense(
+    features,
+    kernel_init=param_init(kernel_init, names),
+    bias_init=param_init(_ZEROS, (names[1],)),
+    name=name,
+  )
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding `[B, dim]` of (possibly fractional) timesteps, `[cos, sin]` order."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal frequencies -> Dense -> SiLU -> Dense (weights N(0, 0.02), official init)."""
+
+  hidden_size: int
+  frequency_embedding_size: int = 256
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    init = nn.initializers.normal(0.02)
+    h = timestep_embedding(t, self.frequency_embedding_size)
+    h = _dense(self.hidden_size, (None, "mlp"), "mlp_0", init)(h)
+    return _dense(self.hidden_size, ("mlp", "embed"), "mlp_2", init)(nn.silu(h))
+
+
+class ResBlock(nn.Module):
+  """x + gate * MLP(LN(x) * (1 + scale) + shift); (shift, scale, gate) = Dense(SiLU(y))."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    C = x.shape[-1]
+    ada = _dense(3 * C, ("embed", "mlp"), "adaLN_modulation_1", _ZEROS)(nn.silu(y))
+    shift, scale, gate = jnp.split(ada, 3, axis=-1)
+    h = nn.LayerNorm(
+      epsilon=1e-6,
+      use_fast_variance=False,
+      scale_init=param_init(_ONES, ("norm",)),
+      bias_init=param_init(_ZEROS, ("norm",)),
+      name="in_ln",
+    )(x)
+    h = h * (1 + scale) + shift
+    h = _dense(C, ("embed", "mlp"), "mlp_0")(h)
+    h = _dense(C, ("mlp", "embed"), "mlp_2")(nn.silu(h))
+    return x + gate * h
+
+
+class FinalLayer(nn.Module):
+  """LN (no affine) modulated by (shift, scale) = Dense(SiLU(y)), then a Dense (zero init)."""
+
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    C = x.shape[-1]
+    ada = _dense(2 * C, ("embed", "mlp"), "adaLN_modulation_1", _ZEROS)(nn.silu(y))
+    shift, scale = jnp.split(ada, 2, axis=-1)
+    x = layer_norm(x, 1e-6) * (1 + scale) + shift
+    return _dense(self.out_channels, ("embed", "latent"), "linear", _ZEROS)(x)
+
+
+class SimpleMLPAdaLN(nn.Module):
+  """The official diffusion-loss MLP: `net(x [B, in], t [B], c [B, z]) -> [B, out]`.
+
+  Attributes:
+    in_channels: token dim.
+    model_channels: width W.
+    out_channels: output dim (2 * in_channels with a learned variance).
+    z_channels: dim of the condition c (the AR decoder width).
+    num_res_blocks: number of `ResBlock`s.
+  """
+
+  in_channels: int
+  model_channels: int
+  out_channels: int
+  z_channels: int
+  num_res_blocks: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
+    W = self.model_channels
+    x = _dense(W, ("latent", "embed"), "input_proj")(x)
+    t_emb = TimestepEmbedder(W, name="time_embed")(t)
+    # c's dim is the AR model's own `embed`; it is left unsharded here to keep the names distinct.
+    c_emb = _dense(W, (None, "embed"), "cond_embed")(c)
+    y = t_emb + c_emb
+    for i in range(self.num_res_blocks):
+      x = ResBlock(name=f"res_blocks_{i}")(x, y)
+    return FinalLayer(self.out_channels, name="final_layer")(x, y)
+
+
+def cfg_model_output(out: jax.Array, cfg, token_dim: int) -> jax.Array:
+  """The official `forward_with_cfg` mix for rows `[cond; uncond]` of `out [2N, 2C or C]`.
+
+  Returns `[N, ...]`: guided eps `uncond + cfg * (cond - uncond)` and, with a learned variance,
+  the conditional half's variance output (untouched by guidance).
+  """
+  n = out.shape[0] // 2
+  eps, rest = out[:, :token_dim], out[:, token_dim:]
+  cond_eps, uncond_eps = eps[:n], eps[n:]
+  guided = uncond_eps + cfg * (cond_eps - uncond_eps)
+  return jnp.concatenate([guided, rest[:n]], axis=-1)
+
+
+class DiffusionHead(nn.Module):
+  """MAR's diffusion loss (official `DiffLoss`) over per-token targets given conditions z.
+
+  Attributes:
+    token_dim: C, the token (target) dim.
+    z_dim: D, the condition dim.
+    width: W of the MLP.
+    depth: number of residual blocks.
+    num_sampling_steps: respaced diffusion steps at sampling.
+    learn_sigma: predict the variance too (output 2C) and add the VB term.
+  """
+
+  token_dim: int
+  z_dim: int
+  width: int
+  depth: int
+  num_sampling_steps: int = 100
+  learn_sigma: bool = True
+
+  def setup(self):
+    self.net = SimpleMLPAdaLN(
+      in_channels=self.token_dim,
+      model_channels=self.width,
+      out_channels=self.token_dim * (2 if self.learn_sigma else 1),
+      z_channels=self.z_dim,
+      num_res_blocks=self.depth,
+    )
+
+  @property
+  def train_diffusion(self):
+    return create_diffusion(1000, "cosine", self.learn_sigma, None)
+
+  def gen_diffusion(self, num_steps: int | None = None):
+    """The respaced sampling diffusion (`num_steps` overrides `num_sampling_steps`)."""
+    steps = self.num_sampling_steps if num_steps is None else int(num_steps)
+    return create_diffusion(1000, "cosine", self.learn_sigma, steps)
+
+  def __call__(self, target: jax.Array, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Scalar loss: `loss(t, noise)` per token with t uniform over the 1000 steps (rng stream
+    "diffusion"), averaged over the tokens where `mask` is set (all when None)."""
+    diffusion = self.train_diffusion
+    rng_t, rng_n = jax.random.split(self.make_rng("diffusion"))
+    t = jax.random.randint(rng_t, target.shape[:1], 0, diffusion.num_timesteps, jnp.int32)
+    noise = jax.random.normal(rng_n, target.shape, jnp.float32)
+    loss = diffusion.training_losses(self.net, target.astype(jnp.float32), t, noise, c=z)["loss"]
+    if mask is None:
+      return jnp.mean(loss)
+    mask = mask.astype(loss.dtype)
+    # Official `(loss * mask).sum() / mask.sum()`; the floor only matters for an empty mask.
+    return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1e-8)
+
+  def sample(
+    self,
+    z: jax.Array,
+    temperature=1.0,
+    cfg=1.0,
+    num_steps: int | None = None,
+    rng: jax.Array | None = None,
+    *,
+    guided: bool | None = None,
+  ) -> jax.Array:
+    """Samples one token per row of `z` (official `DiffLoss.sample`), `[N, C]`.
+
+    Args:
+      z: `[N, D]` conditions; with guidance the rows are `[cond; uncond]` halves.
+      temperature: scales the per-step noise (may be traced).
+      cfg: guidance scale on eps only (may be traced).
+      num_steps: static override of the sampling steps (DiSA-style annealing).
+      rng: the sampling key (split into the initial-noise key and the `p_sample_loop` key);
+        defaults to the "diffusion" rng stream.
+      guided: whether `z` holds `[cond; uncond]` halves. None infers `cfg != 1` from a concrete
+        `cfg`; pass it explicitly when `cfg` is traced (e.g. a per-step CFG schedule).
+
+    Returns:
+      `[N, C]`. With guidance both halves hold the conditional samples (the official code returns
+      the uncond half from a discarded trajectory; callers keep the first half either way). The
+      noise is shared by the halves, and the same rng gives the unguided sample at cfg = 1.
+    """
+    if guided is None:
+      if isinstance(cfg, jax.core.Tracer):
+        raise ValueError(
+          "cfg is traced: pass guided=True/False to say whether z has cond/uncond halves"
+        )
+      guided = float(cfg) != 1.0
+    if rng is None:
+      rng = self.make_rng("diffusion")
+    diffusion = self.gen_diffusion(num_steps)
+    rng_init, rng_loop = jax.random.split(rng)
+    C = self.token_dim
+    if guided:
+      if z.shape[0] % 2:
+        raise ValueError(f"guided sampling needs [cond; uncond] halves, got {z.shape[0]} rows")
+
+      def model_fn(x, t, c):
+        both = self.net(jnp.concatenate([x, x]), jnp.concatenate([t, t]), c)
+        return cfg_model_output(both, cfg, C)
+
+      n = z.shape[0] // 2
+    else:
+      model_fn, n = self.net, z.shape[0]
+    noise = jax.random.normal(rng_init, (n, C), jnp.float32)
+    x = diffusion.p_sample_loop(model_fn, noise, rng_loop, temperature, c=z)
+    return jnp.concatenate([x, x]) if guided else x
+
+
+__all__ = [
+  "DiffusionHead",
+  "FinalLayer",
+  "ResBlock",
+  "SimpleMLPAdaLN",
+  "TimestepEmbedder",
+  "cfg_model_output",
+  "timestep_embedding",
+]

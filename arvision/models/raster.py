@@ -1,0 +1,703 @@
+"""Raster next-token prediction: LlamaGen's class-conditional Llama over VQ codes (Sun et al., 2024).
+
+A port of the official `autoregressive/models/gpt.py` (FoundationVision/LlamaGen): RMSNorm,
+SwiGLU, fused `wqkv` with optional grouped-query attention, 2D RoPE, a class token prefix and a
+zero-initialised head. Training is teacher forcing under a causal mask; sampling decodes one token
+per step with a static preallocated KV cache inside ONE jitted `lax.fori_loop`.
+
+Parameter names (flax) -> official keys: `tok_embeddings` (`embedding` = weight),
+`cls_embedding/embedding_table`, `layers_{i}/{attention/{wqkv,wo}, feed_forward/{w1,w2,w3},
+attention_norm, ffn_norm}` (RMSNorm `scale` = weight), `norm`, `output`. Dense kernels are the
+transposed torch weights.
+
+2D RoPE (official `precompute_freqs_cis_2d`): head_dim/4 frequencies; the first head_dim/4
+rotation pairs turn with the token's grid row, the next head_dim/4 with its column; pairs are
+interleaved `(x[2k], x[2k+1])`. The class prefix rows of the official table are ZERO (cos = sin =
+0), which zeroes the prefix's q and k: official checkpoints were trained that way, so it is the
+default (`rope_prefix="zero"`); `rope_prefix="identity"` (cos 1, sin 0) is the corrected variant.
+
+Decoding order is data: `order` is a permutation of the grid positions (`raster` = identity).
+Sequence slot t holds grid position `order[t]`; RoPE rows follow the grid position, so other
+orders (random, neighbouring, parallel) become different permutations and masks, not new models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from arvision.family import Family
+from arvision.models.layers import drop_path, drop_path_rates
+from arvision.ops import masks
+from arvision.ops.attention import attention
+from arvision.parallel.logical import constrain, param_init
+from arvision.sampling.kv_cache import KVCache, init_kv_caches, update_kv_cache
+from arvision.sampling.topk import filter_top_k_top_p
+
+ROPE_PREFIX = ("zero", "identity")
+ORDERS = ("raster",)
+ACT = ("batch", "seq", "embed")
+
+
+def find_multiple(n: int, k: int) -> int:
+  """The smallest multiple of `k` that is >= n (official `find_multiple`)."""
+  return n if n % k == 0 else n + k - n % k
+
+
+def ffn_hidden(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+  """SwiGLU hidden size: find_multiple(int(multiplier * int(2 * 4 * dim / 3)), multiple_of)."""
+  hidden = int(2 * (4 * dim) / 3)
+  if ffn_dim_multiplier is not None:
+    hidden = int(ffn_dim_multiplier * hidden)
+  return find_multiple(hidden, multiple_of)
+
+
+def rope_2d_table(
+  grid_size: int, head_dim: int, base: float = 10000.0, prefix: int = 1, prefix_rows: str = "zero"
+) -> np.ndarray:
+  """float32 `[prefix + grid_size**2, head_dim // 2, 2]` (cos, sin) rows, official layout.
+
+  Row `prefix + r * grid_size + c` rotates pair k < head_dim/4 by `r * f_k` and pair
+  head_dim/4 + k by `c * f_k`, f_k = base ** (-2k / (head_dim / 2)). The prefix rows are zero
+  (official) or the identity rotation (`prefix_rows="identity"`).
+  """
+  if prefix_rows not in ROPE_PREFIX:
+    raise ValueError(f"rope prefix rows {prefix_rows!r} unknown; accepted: {ROPE_PREFIX}")
+  half = head_dim // 2
+  exps = np.arange(0, half, 2)[: half // 2].astype(np.float32)
+  if head_dim % 2 or 2 * len(exps) != half:
+    raise ValueError(
+      f"2D RoPE needs head_dim divisible by 4 (two axes of interleaved pairs), got {head_dim}"
+    )
+  freqs = (1.0 / (np.float32(base) ** (exps / np.float32(half)))).astype(np.float32)
+  t = np.arange(grid_size, dtype=np.float32)
+  f = np.outer(t, freqs)  # [g, hd/4]
+  g = grid_size
+  grid = np.concatenate(
+    [
+      np.broadcast_to(f[:, None, :], (g, g, len(freqs))),
+      np.broadcast_to(f[None], (g, g, len(freqs))),
+    ],
+    axis=-1,
+  )  # [g, g, hd/2]: rows then columns
+  cache = np.stack([np.cos(grid), np.sin(grid)], axis=-1).reshape(g * g, half, 2)
+  pre = np.zeros((prefix, half, 2), np.float32)
+  if prefix_rows == "identity":
+    pre[..., 0] = 1.0
+  return np.concatenate([pre, cache.astype(np.float32)], axis=0)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, rope: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs of `x` by `rope` ([L, D/2, 2] or [B, L, D/2, 2]); float32 math."""
+  B, L, H, D = x_BxLxHxD.shape
+  xs = x_BxLxHxD.astype(jnp.float32).reshape(B, L, H, D // 2, 2)
+  rope = rope.reshape(-1, L, 1, D // 2, 2)
+  cos, sin = rope[..., 0], rope[..., 1]
+  x0, x1 = xs[..., 0], xs[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+  return out.reshape(B, L, H, D).astype(x_BxLxHxD.dtype)
+
+
+def normal_init(std: float, names):
+  return param_init(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back, times `scale` (official `weight`)."""
+
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(x.dtype) * w
+
+
+class FeedForward(nn.Module):
+  """SwiGLU: dropout(w2(silu(w1 x) * w3 x)), no biases."""
+
+  hidden: int
+  init_std: float = 0.02
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    C = x.shape[-1]
+    up = normal_init(self.init_std, ("embed", "mlp"))
+    w1 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w1")
+    w3 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w3")
+    down = normal_init(self.init_std, ("mlp", "embed"))
+    w2 = nn.Dense(C, use_bias=False, kernel_init=down, name="w2")
+    h = constrain(nn.silu(w1(x)) * w3(x), ("batch", "seq", "mlp"))
+    return nn.Dropout(self.dropout)(w2(h), deterministic=deterministic)
+
+
+class Attention(nn.Module):
+  """Fused `wqkv` (q: H heads, k/v: Hkv heads), RoPE on q and k, causal SDPA, `wo`, dropout."""
+
+  n_head: int
+  n_kv_head: int
+  init_std: float = 0.02
+  resid_dropout: float = 0.0
+  attn_impl: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self,
+    x_BxLxC: jax.Array,
+    rope: jax.Array,
+    *,
+    mask: masks.MaskSpec,
+    deterministic: bool = True,
+    cache: KVCache | None = None,
+    cache_index: Any = 0,
+  ) -> tuple[jax.Array, KVCache | None]:
+    B, L, C = x_BxLxC.shape
+    H, Hkv = self.n_head, self.n_kv_head
+    hd = C // H
+    qkv = nn.Dense(
+      (H + 2 * Hkv) * hd,
+      use_bias=False,
+      kernel_init=normal_init(self.init_std, ("embed", "heads")),
+      name="wqkv",
+    )(x_BxLxC)
+    q = qkv[..., : H * hd].reshape(B, L, H, hd)
+    k = qkv[..., H * hd : (H + Hkv) * hd].reshape(B, L, Hkv, hd)
+    v = qkv[..., (H + Hkv) * hd :].reshape(B, L, Hkv, hd)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    new_cache = None
+    if cache is not None:
+      # Attend over the whole static cache: positions past the query are masked (never written).
+      new_cache = update_kv_cache(cache, k, v, cache_index)
+      k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
+    out = attention(q, k, v, mask=mask, impl=self.attn_impl, q_offset=cache_index)
+    out = nn.Dense(
+      C, use_bias=False, kernel_init=normal_init(self.init_std, ("heads", "embed")), name="wo"
+    )(out.reshape(B, L, C))
+    return nn.Dropout(self.resid_dropout)(out, deterministic=deterministic), new_cache
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm Llama block: h = x + attn(norm(x)); out = h + ffn(norm(h)) (with drop path)."""
+
+  n_head: int
+  n_kv_head: int
+  hidden: int
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  resid_dropout: float = 0.0
+  ffn_dropout: float = 0.0
+  drop_path_rate: float = 0.0
+  attn_impl: str = "auto"
+
+  @nn.compact
+  def __call__(
+    self, x, rope, *, mask, deterministic=True, cache=None, cache_index=0
+  ) -> tuple[jax.Array, KVCache | None]:
+    h, new_cache = Attention(
+      self.n_head,
+      self.n_kv_head,
+      init_std=self.init_std,
+      resid_dropout=self.resid_dropout,
+      attn_impl=self.attn_impl,
+      name="attention",
+    )(
+      RMSNorm(self.norm_eps, name="attention_norm")(x),
+      rope,
+      mask=mask,
+      deterministic=deterministic,
+      cache=cache,
+      cache_index=cache_index,
+    )
+    dp = not deterministic and self.drop_path_rate > 0
+    x = x + drop_path(h, self.drop_path_rate, self.make_rng("dropout") if dp else None, not dp)
+    h = FeedForward(self.hidden, self.init_std, self.ffn_dropout, name="feed_forward")(
+      RMSNorm(self.norm_eps, name="ffn_norm")(x), deterministic=deterministic
+    )
+    x = x + drop_path(h, self.drop_path_rate, self.make_rng("dropout") if dp else None, not dp)
+    return constrain(x, ACT), new_cache
+
+
+class LabelEmbedder(nn.Module):
+  """Class embedding with a null class (`num_classes`) and label dropout for CFG."""
+
+  num_classes: int
+  dim: int
+  dropout_prob: float = 0.1
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, label_B: jax.Array, train: bool = False) -> jax.Array:
+    if train and self.dropout_prob > 0:
+      drop = jax.random.uniform(self.make_rng("dropout"), label_B.shape) < self.dropout_prob
+      label_B = jnp.where(drop, self.num_classes, label_B)
+    table = nn.Embed(
+      self.num_classes + 1,
+      self.dim,
+      embedding_init=normal_init(self.init_std, ("classes", "embed")),
+      name="embedding_table",
+    )
+    return table(label_B)[:, None, :]
+
+
+class RasterTransformer(nn.Module):
+  """LlamaGen's c2i `Transformer` (one class token prefix), pure linen.
+
+  Attributes:
+    dim, n_layer, n_head: width, depth, query heads.
+    n_kv_head: key/value heads (GQA); 0 = n_head.
+    vocab_size: tokenizer codebook size.
+    num_classes: classes; index `num_classes` is the null (CFG) class.
+    grid_size: side of the token grid (block_size = grid_size**2).
+    multiple_of, ffn_dim_multiplier: SwiGLU hidden-size rule.
+    rope_base: RoPE base.
+    rope_prefix: "zero" (official: the prefix's q/k are zeroed) or "identity".
+    norm_eps: RMSNorm epsilon.
+    init_std: normal std of Dense and Embed inits (`initializer_range`).
+    token_dropout, resid_dropout, ffn_dropout, drop_path_rate: regularisation (train only).
+    cond_drop_rate: probability of the null class in training.
+    attn_impl: implementation for `arvision.ops.attention`.
+  """
+
+  dim: int
+  n_layer: int
+  n_head: int
+  vocab_size: int
+  num_classes: int
+  grid_size: int
+  n_kv_head: int = 0
+  multiple_of: int = 256
+  ffn_dim_multiplier: float | None = None
+  rope_base: float = 10000.0
+  rope_prefix: str = "zero"
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  token_dropout: float = 0.1
+  resid_dropout: float = 0.1
+  ffn_dropout: float = 0.1
+  drop_path_rate: float = 0.0
+  cond_drop_rate: float = 0.1
+  attn_impl: str = "auto"
+
+  prefix = 1  # class tokens (official cls_token_num for c2i)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_head or self.n_head
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size * self.grid_size
+
+  def rope_table(self) -> np.ndarray:
+    return rope_2d_table(
+      self.grid_size, self.head_dim, self.rope_base, self.prefix, self.rope_prefix
+    )
+
+  def setup(self):
+    std = self.init_std
+    self.tok_embeddings = nn.Embed(
+      self.vocab_size, self.dim, embedding_init=normal_init(std, ("vocab", "embed"))
+    )
+    self.cls_embedding = LabelEmbedder(self.num_classes, self.dim, self.cond_drop_rate, std)
+    hidden = ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+    dpr = drop_path_rates(self.drop_path_rate, self.n_layer)
+    self.layers = [
+      TransformerBlock(
+        self.n_head,
+        self.kv_heads,
+        hidden,
+        norm_eps=self.norm_eps,
+        init_std=std,
+        resid_dropout=self.resid_dropout,
+        ffn_dropout=self.ffn_dropout,
+        drop_path_rate=dpr[i],
+        attn_impl=self.attn_impl,
+      )
+      for i in range(self.n_layer)
+    ]
+    self.norm = RMSNorm(self.norm_eps)
+    self.output = nn.Dense(
+      self.vocab_size,
+      use_bias=False,
+      kernel_init=param_init(nn.initializers.zeros, ("embed", "vocab")),
+    )
+    self.token_drop = nn.Dropout(self.token_dropout)
+
+  def embed_cond(self, label_B: jax.Array, train: bool = False) -> jax.Array:
+    """`[B, prefix, C]` class tokens (label dropout when training)."""
+    return self.cls_embedding(label_B, train=train)
+
+  def embed_tokens(self, idx_BxL: jax.Array) -> jax.Array:
+    return self.tok_embeddings(idx_BxL)
+
+  def run(self, h, rope_rows, *, mask, deterministic=True, caches=None, cache_index=0):
+    """Blocks + norm + head over embeddings `h [B, L, C]`; `rope_rows` index the RoPE table.
+
+    Returns `(float32 logits [B, L, V], new caches or None)`.
+    """
+    rope = jnp.asarray(self.rope_table())[rope_rows]
+    h = constrain(self.token_drop(h, deterministic=deterministic), ACT)
+    new_caches = [] if caches is not None else None
+    for i, layer in enumerate(self.layers):
+      cache = caches[i] if caches is not None else None
+      h, cache = layer(
+        h, rope, mask=mask, deterministic=deterministic, cache=cache, cache_index=cache_index
+      )
+      if caches is not None:
+        new_caches.append(cache)
+    logits = self.output(self.norm(h)).astype(jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab")), new_caches
+
+  def __call__(self, label_B, idx_BxLm1, rope_rows=None, *, train: bool = False):
+    """Teacher-forced logits `[B, N, V]`: class prefix + tokens[:-1] predicts tokens.
+
+    Args:
+      label_B: int labels in [0, num_classes] (num_classes = null class).
+      idx_BxLm1: int tokens in decoding order without the last, `[B, N - 1]`.
+      rope_rows: int `[N]` or `[B, N]` RoPE table rows of the inputs; default raster
+        (`0 .. N - 1`: the prefix row, then grid positions 0 .. N - 2).
+      train: dropouts and label dropout (needs a 'dropout' rng).
+    """
+    N = self.num_tokens
+    if idx_BxLm1.shape[1] != N - 1:
+      raise ValueError(f"input tokens {idx_BxLm1.shape} != [B, {N - 1}] (grid {self.grid_size}^2)")
+    h = jnp.concatenate([self.embed_cond(label_B, train), self.embed_tokens(idx_BxLm1)], axis=1)
+    if rope_rows is None:
+      rope_rows = jnp.arange(N)
+    logits, _ = self.run(h, rope_rows, mask=masks.causal(), deterministic=not train)
+    return logits[:, self.prefix - 1 :]
+
+  def step(self, h_BxLxC, caches, cache_index, rope_rows):
+    """Cached decoding of `L` new positions at `cache_index` (int or traced)."""
+    return self.run(h_BxLxC, rope_rows, mask=masks.causal(), caches=caches, cache_index=cache_index)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding orders and CFG
+
+
+def decoding_order(name: str, num_tokens: int) -> np.ndarray:
+  """int32 `[N]`: sequence slot t -> grid position (row-major). `raster` is the identity."""
+  if name not in ORDERS:
+    raise ValueError(f"model.order={name!r} is unknown; accepted: {ORDERS}")
+  return np.arange(num_tokens, dtype=np.int32)
+
+
+def cfg_logits(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
+  """LlamaGen's guidance: uncond + (cond - uncond) * scale."""
+  return uncond + (cond - uncond) * scale
+
+
+def cfg_active(t, cfg_interval) -> jax.Array:
+  """Whether token t (0-based) is guided: official `cfg_interval` (decode step i = t - 1 stops
+  guidance once i > cfg_interval, when cfg_interval > -1; the first token is always guided)."""
+  return jnp.logical_not(jnp.logical_and(cfg_interval > -1, t - 1 > cfg_interval))
+
+
+# ------------------------------------------------------------------------------------------------
+# Family
+
+
+def _get(cfg, name, default):
+  return cfg[name] if name in cfg else default
+
+
+class RasterFamily(Family):
+  """LlamaGen-style raster AR as a Family, on a frozen VQ tokenizer (`params["tokenizer"]`).
+
+  The tokenizer family must provide `encode_idx` (int [B, h*w], row-major), `decode_idx`,
+  `config.model.vocab_size` and `latent_size`.
+  """
+
+  kind = "generator"
+  frozen_keys = ("tokenizer",)
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config)
+    if tokenizer is None:
+      raise ValueError("the raster family needs a tokenizer family (build(config, tokenizer=...))")
+    for meth in ("encode_idx", "decode_idx"):
+      if not hasattr(tokenizer, meth):
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} lacks {meth!r}, needed by raster")
+    self.tokenizer = tokenizer
+    m = config.model
+    dim, n_layer, n_head = int(m.dim), int(m.n_layer), int(m.n_head)
+    if dim <= 0 or n_layer <= 0 or n_head <= 0:
+      raise ValueError(f"model.dim={dim}, n_layer={n_layer}, n_head={n_head} must be positive")
+    if dim % n_head:
+      raise ValueError(f"model.dim={dim} is not divisible by model.n_head={n_head}")
+    n_kv = int(_get(m, "n_kv_head", 0)) or n_head
+    if n_head % n_kv:
+      raise ValueError(f"model.n_kv_head={n_kv} must divide model.n_head={n_head}")
+    rope_prefix = str(_get(m, "rope_prefix", "zero"))
+    if rope_prefix not in ROPE_PREFIX:
+      raise ValueError(f"model.rope_prefix={rope_prefix!r} unknown; accepted: {ROPE_PREFIX}")
+    mult = float(_get(m, "ffn_dim_multiplier", 0.0))
+    self.num_classes = int(config.data.num_classes)
+    self.grid_size = int(tokenizer.latent_size)
+    self.module = RasterTransformer(
+      dim=dim,
+      n_layer=n_layer,
+      n_head=n_head,
+      n_kv_head=n_kv,
+      vocab_size=int(tokenizer.config.model.vocab_size),
+      num_classes=self.num_classes,
+      grid_size=self.grid_size,
+      multiple_of=int(_get(m, "multiple_of", 256)),
+      ffn_dim_multiplier=mult if mult > 0 else None,
+      rope_base=float(_get(m, "rope_base", 10000.0)),
+      rope_prefix=rope_prefix,
+      norm_eps=float(_get(m, "norm_eps", 1e-5)),
+      init_std=float(_get(m, "init_std", 0.02)),
+      token_dropout=float(_get(m, "token_dropout", 0.1)),
+      resid_dropout=float(_get(m, "resid_dropout", 0.1)),
+      ffn_dropout=float(_get(m, "ffn_dropout", 0.1)),
+      drop_path_rate=float(_get(m, "drop_path_rate", 0.0)),
+      cond_drop_rate=float(_get(m, "cond_drop_rate", 0.1)),
+      attn_impl=str(_get(m, "attn_impl", "auto")),
+    )
+    self.module.rope_table()  # fails now on a head dim that 2D RoPE cannot split
+    self.num_tokens = self.module.num_tokens
+    self.order = decoding_order(str(_get(m, "order", "raster")), self.num_tokens)
+    self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
+    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("return_logits",))
+
+  # --- params ------------------------------------------------------------------------------------
+
+  def _vars(self, params) -> dict:
+    return {"params": {k: v for k, v in params.items() if k not in self.frozen_keys}}
+
+  def init_annotated(self, rng: jax.Array, batch=None) -> dict:
+    """The transformer's params boxed with logical axis names (`batch` is not needed)."""
+    del batch
+    label = jnp.zeros((1,), jnp.int32)
+    idx = jnp.zeros((1, self.num_tokens - 1), jnp.int32)
+    return dict(self.module.init({"params": rng}, label, idx, train=False)["params"])
+
+  def abstract_params(self):
+    """Param shapes (`jax.eval_shape`, nothing allocated)."""
+    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
+
+  # --- training ----------------------------------------------------------------------------------
+
+  def apply(self, params, label_B, tokens_BxN, rng=None, train: bool = False):
+    """Teacher-forced logits `[B, N, V]` for tokens in decoding order."""
+    if train and rng is None:
+      raise ValueError("RasterFamily.apply(train=True) needs an rng")
+    rngs = {"dropout": rng} if train else {}
+    rows = jnp.asarray(self.input_rope_rows())
+    return self.module.apply(
+      self._vars(params), label_B, tokens_BxN[:, :-1], rows, train=train, rngs=rngs
+    )
+
+  def input_rope_rows(self) -> np.ndarray:
+    """RoPE rows of the teacher-forcing inputs: the prefix rows, then `prefix + order[:-1]`."""
+    P = self.module.prefix
+    return np.concatenate([np.arange(P), P + self.order[:-1]]).astype(np.int32)
+
+  def codes(self, params, batch) -> jax.Array:
+    """Raster grid codes int32 `[B, N]` from `batch["tokens"]` or the frozen tokenizer."""
+    if "tokens" in batch:
+      tokens = jnp.asarray(batch["tokens"])
+      if (
+        tokens.ndim != 2
+        or tokens.shape[1] != self.num_tokens
+        or not jnp.issubdtype(tokens.dtype, jnp.integer)
+      ):
+        raise ValueError(
+          f"batch['tokens'] must be int [B, {self.num_tokens}] (raster codes), got "
+          f"{tokens.dtype} {tokens.shape}"
+        )
+      return tokens.astype(jnp.int32)
+    if "image" not in batch:
+      raise ValueError(f"raster batch needs 'image' or 'tokens'; got keys {sorted(batch)}")
+    idx = self.tokenizer.encode_idx(params["tokenizer"], batch["image"])
+    return jax.lax.stop_gradient(idx).astype(jnp.int32)
+
+  def loss(self, params, batch, rng, train: bool):
+    """Mean token CE of teacher forcing (official); metrics `loss`, `acc`."""
+    seq = self.codes(params, batch)[:, jnp.asarray(self.order)]
+    label = jnp.asarray(batch["label"]).astype(jnp.int32)
+    logits = self.apply(params, label, seq, rng=rng, train=train)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, seq)
+    acc = jnp.mean((jnp.argmax(logits, axis=-1) == seq).astype(jnp.float32))
+    loss = jnp.mean(ce)
+    return loss, {"loss": loss, "acc": acc}
+
+  # --- sampling ----------------------------------------------------------------------------------
+
+  def cache_length(self) -> int:
+    """Static KV cache length: prefix + N rounded up to a multiple of 8 (official)."""
+    return find_multiple(self.module.prefix + self.num_tokens, 8)
+
+  def _sample_impl(
+    self,
+    params,
+    labels,
+    rng,
+    cfg,
+    cfg_interval,
+    temperature,
+    top_k,
+    top_p,
+    known,
+    known_mask,
+    *,
+    return_logits: bool,
+  ):
+    self.trace_count += 1  # runs only while tracing
+    mod, var = self.module, self._vars(params)
+    B, N, P, V = labels.shape[0], self.num_tokens, mod.prefix, mod.vocab_size
+    order = jnp.asarray(self.order)
+    labels = labels.astype(jnp.int32)
+    labels_2B = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
+    caches = init_kv_caches(mod.n_layer, 2 * B, self.cache_length(), mod.kv_heads, mod.head_dim)
+    use_cfg = cfg > 1.0  # official: the null half is used only for cfg_scale > 1
+    inv_temp = 1.0 / jnp.maximum(temperature, 1e-5)
+    top_p = jnp.where(top_p < 1.0, top_p, 0.0)  # official: top-p only below 1
+
+    def pick(t, logits_2BxV):
+      cond, uncond = logits_2BxV[:B], logits_2BxV[B:]
+      guided = jnp.logical_and(use_cfg, cfg_active(t, cfg_interval))
+      logits = jnp.where(guided, cfg_logits(cond, uncond, cfg), cond)
+      filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
+      tok = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
+      tok = jnp.where(known_mask[:, t], known[:, t], tok.astype(jnp.int32))
+      return tok, logits
+
+    h = mod.apply(var, labels_2B, method=RasterTransformer.embed_cond)
+    logits, caches = mod.apply(var, h, caches, 0, jnp.arange(P), method=RasterTransformer.step)
+    tok0, lg0 = pick(0, logits[:, -1])
+    seq = jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok0)
+    out_logits = jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32)
+    if return_logits:
+      out_logits = out_logits.at[:, 0].set(lg0)
+
+    def body(t, carry):
+      seq, caches, out_logits = carry
+      prev = seq[:, t - 1]
+      h = mod.apply(var, jnp.concatenate([prev, prev])[:, None], method="embed_tokens")
+      rows = (P + order[t - 1])[None]
+      logits, caches = mod.apply(var, h, caches, P + t - 1, rows, method=RasterTransformer.step)
+      tok, lg = pick(t, logits[:, 0])
+      seq = seq.at[:, t].set(tok)
+      if return_logits:
+        out_logits = out_logits.at[:, t].set(lg)
+      return seq, caches, out_logits
+
+    seq, _, out_logits = jax.lax.fori_loop(1, N, body, (seq, caches, out_logits))
+    grid = jnp.zeros_like(seq).at[:, order].set(seq)  # decoding order -> raster grid
+    img = self.tokenizer.decode_idx(params["tokenizer"], grid).astype(jnp.float32)
+    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    return img_u8, grid, (out_logits if return_logits else None)
+
+  def sample_tokens(
+    self,
+    params,
+    labels,
+    rng,
+    *,
+    cfg=2.0,
+    cfg_interval=-1,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    known=None,
+    known_mask=None,
+    return_logits=False,
+  ):
+    """Samples images and their raster codes.
+
+    Args:
+      params: transformer params plus `params["tokenizer"]`.
+      labels: int `[B]` class labels (`num_classes` = unconditional).
+      rng: a jax PRNG key; the result is a deterministic function of it.
+      cfg: guidance scale; logits = uncond + (cond - uncond) * cfg when cfg > 1 (else cond).
+      cfg_interval: > -1 turns guidance off for tokens t > cfg_interval + 1 (official).
+      temperature: logits / max(temperature, 1e-5) before filtering.
+      top_k: keep the k largest logits (0 = off).
+      top_p: nucleus threshold (< 1 enables it).
+      known, known_mask: optional int `[B, N]` tokens and bool mask in DECODING order; masked
+        slots are teacher-forced (completion/editing; tests use it to check the cache).
+      return_logits: also return the guided logits `[B, N, V]` (before temperature/filtering).
+
+    Returns:
+      `(images uint8 [B, H, W, C], codes int32 [B, N] raster, logits or None)`.
+    """
+    labels = jnp.asarray(labels)
+    if labels.ndim != 1:
+      raise ValueError(f"labels must be int [B], got shape {labels.shape}")
+    B, N = labels.shape[0], self.num_tokens
+    if (known is None) != (known_mask is None):
+      raise ValueError("known and known_mask must be given together (or neither)")
+    if known is None:
+      known, known_mask = jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), bool)
+    known, known_mask = jnp.asarray(known, jnp.int32), jnp.asarray(known_mask, bool)
+    if known.shape != (B, N) or known_mask.shape != (B, N):
+      raise ValueError(
+        f"known / known_mask must be [B={B}, N={N}]; got {known.shape} / {known_mask.shape}"
+      )
+    return self._sample_jit(
+      params,
+      labels,
+      rng,
+      jnp.float32(cfg),
+      jnp.float32(cfg_interval),
+      jnp.float32(temperature),
+      jnp.int32(top_k),
+      jnp.float32(top_p),
+      known,
+      known_mask,
+      return_logits=bool(return_logits),
+    )
+
+  def sample(
+    self,
+    params,
+    cond,
+    rng,
+    *,
+    cfg=2.0,
+    cfg_interval=-1,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    known=None,
+    known_mask=None,
+  ) -> jax.Array:
+    """uint8 NHWC images for int labels `cond [B]` (see `sample_tokens`)."""
+    images, _, _ = self.sample_tokens(
+      params,
+      cond,
+      rng,
+      cfg=cfg,
+      cfg_interval=cfg_interval,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      known=known,
+      known_mask=known_mask,
+    )
+    return images
+
+
+def param_count(params: Any) -> int:
+  """Number of scalars in a (possibly abstract) param tree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def build(config, tokenizer=None) -> RasterFamily:
+  """Builds the raster family from its config and the (frozen) tokenizer family."""
+  return RasterFamily(config, tokenizer)

@@ -1,0 +1,408 @@
+"""Sharding benchmark: every strategy on the current devices, through the loop's own step.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+      python experiments/bench_sharding.py --config configs/var.py:smoke \
+        --out experiments/results/bench_sharding_cpu8.json
+    python experiments/bench_sharding.py --config configs/var.py:d16 --batch 64 \
+        --out experiments/results/bench_sharding_gpu.json          # on an accelerator
+
+For each strategy (`dp`, `fsdp`, `tp`, `fsdp_tp`, `hsdp`) a mesh over all n devices:
+dp data=n; fsdp fsdp=n; tp tensor=t (the largest divisor of n that divides the heads) x data=n/t;
+fsdp_tp fsdp=n/2 x tensor=2; hsdp data=2 x fsdp=n/2. A strategy that does not fit (too few
+devices, heads not divisible, batch not divisible by the batch shards) is skipped with the reason.
+
+Every strategy runs `arvision.train.build(config, family, frozen, mesh)` -- the loop's sharded
+init and jitted, state-donating step -- from the same init seed on the same batches (random
+tokenizer weights: the frozen tokenizer only has to be identical across strategies). The step is
+AOT-compiled once (`step.lower(state, batch).compile()`); that executable is analysed and timed.
+
+Row fields:
+- `step_s`: median over `--steps` timed steps after `--warmup` untimed ones (`block_until_ready`);
+  `examples_per_s` = batch / step_s; `compile_s`: lower + compile.
+- `loss`: the training loss of the last step; `losses`: every step's.
+- `memory_bytes`: `compiled.memory_analysis()` per device: argument, output, temp, generated
+  code, alias (outputs donated into arguments) and total = argument + output - alias + temp.
+- `flops_per_step`: analytic model FLOPs (`scaling_model.flops_per_step`: 6 x params x tokens
+  for per-token kernels, 6 x params x batch for per-example AdaLN kernels, attention
+  12 x depth x C x visible (q, k) pairs x batch -- the block-causal mask's visible pairs, not the
+  full square; `flops_per_step_dense_attention` has the square). The frozen tokenizer's encoder
+  is not counted. `xla_flops`: `compiled.cost_analysis()["flops"]` (XLA's count of the per-device
+  program, tokenizer included) x devices, for comparison.
+- `mfu` = flops_per_step / (step_s x devices x peak bf16 FLOP/s per device); null where the
+  device has no entry in `PEAK_FLOPS` (CPU).
+- `collectives`: ops in the compiled (post-SPMD-partitioning) HLO text: all-reduce,
+  all-gather, reduce-scatter, all-to-all, collective-permute (async pairs counted once, at
+  `-done`); bytes = the op's per-device result shape(s). Static counts: an op inside a loop
+  body counts once. The CPU backend lowers reduce-scatter as all-reduce + slice.
+- `formula`: the scaling model's per-device argument bytes (params + AdamW m, v (+ EMA) under
+  the strategy's rules, the frozen params, the batch shard) against the measured argument size
+  (`ratio` = measured / formula).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import scaling_model  # noqa: E402
+
+from arvision import config_util, data, families, parallel, train  # noqa: E402
+
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
+
+# Peak dense bf16 FLOP/s per device by `device_kind` substring (first match wins).
+PEAK_FLOPS = (
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("A100", 312e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v6e", 918e12),
+  ("TPU v4", 275e12),
+)
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+  "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+  "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+  "f32": 4, "s32": 4, "u32": 4,
+  "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+# `%name = <shape or (tuple)> <op>[-start|-done](` in HLO text.
+_OP_RE = re.compile(
+  r"=\s*(?P<shape>\((?:[^()]|\([^()]*\))*\)|\S+)\s+(?P<op>"
+  + "|".join(COLLECTIVES)
+  + r")(?P<suffix>-start|-done)?\("
+)
+_SHAPE_RE = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+
+
+# ------------------------------------------------------------------------------------------------
+# HLO and memory analysis
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape in an HLO shape string (`f32[2,3]{1,0}`, tuples too)."""
+  total = 0
+  for dtype, dims in _SHAPE_RE.findall(text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def count_collectives(hlo_text: str) -> dict:
+  """`{count, bytes, by_kind: {kind: {count, bytes}}}` of the collectives in HLO text."""
+  by_kind = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    m = _OP_RE.search(line)
+    if m is None or m.group("suffix") == "-start":
+      continue
+    k = by_kind[m.group("op")]
+    k["count"] += 1
+    k["bytes"] += shape_bytes(m.group("shape"))
+  by_kind = {k: v for k, v in by_kind.items() if v["count"]}
+  return dict(
+    count=sum(v["count"] for v in by_kind.values()),
+    bytes=sum(v["bytes"] for v in by_kind.values()),
+    by_kind=by_kind,
+  )
+
+
+def memory_bytes(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = dict(
+    argument=int(m.argument_size_in_bytes),
+    output=int(m.output_size_in_bytes),
+    temp=int(m.temp_size_in_bytes),
+    generated_code=int(m.generated_code_size_in_bytes),
+    alias=int(m.alias_size_in_bytes),
+  )
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return value
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes
+
+
+def mesh_for(strategy: str, n: int, heads: int, batch: int) -> tuple[dict | None, str]:
+  """`(mesh sizes, "")` for `strategy` on n devices, or `(None, reason)`."""
+  if strategy == "dp":
+    mesh = dict(data=n, fsdp=1, tensor=1)
+  elif strategy == "fsdp":
+    mesh = dict(data=1, fsdp=n, tensor=1)
+  elif strategy == "tp":
+    t = max(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0)
+    if t == 1:
+      return None, f"no divisor > 1 of {n} devices divides heads={heads}"
+    mesh = dict(data=n // t, fsdp=1, tensor=t)
+  elif strategy == "fsdp_tp":
+    if n < 4 or n % 2 or heads % 2:
+      return None, f"needs an even device count >= 4 and even heads (n={n}, heads={heads})"
+    mesh = dict(data=1, fsdp=n // 2, tensor=2)
+  elif strategy == "hsdp":
+    if n < 4 or n % 2:
+      return None, f"needs an even device count >= 4 (n={n})"
+    mesh = dict(data=2, fsdp=n // 2, tensor=1)
+  else:
+    raise ValueError(f"unknown strategy {strategy!r}; accepted: {STRATEGIES}")
+  if n == 1 and strategy != "dp":
+    return None, "one device: identical to dp"
+  shards = mesh["data"] * mesh["fsdp"]
+  if batch % shards:
+    return None, f"batch {batch} is not divisible by {shards} batch shards"
+  return mesh, ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def build(spec: str, batch: int | None, seed: int = 0):
+  """`(config, family, frozen)` for a config spec, random tokenizer weights (no training)."""
+  config = config_util.load_config_file(spec)
+  with config.unlocked():
+    if batch:
+      config.data.batch_size = batch
+  tok = families.build(config.tokenizer.config) if families.needs_tokenizer(config) else None
+  fam = families.build(config, tokenizer=tok)
+  frozen = {}
+  if tok is not None:
+    tok_params = tok.init(jax.random.key(seed + 1), None)
+    frozen["tokenizer"] = {"ae": tok_params["ae"]} if "ae" in tok_params else tok_params
+  # Host copies: each strategy's init places them anew (the step donates the state it gets).
+  return config, fam, jax.tree.map(np.asarray, frozen)
+
+
+def formula_argument_bytes(model, fam, frozen, rules, mesh, batch_bytes_dev: int, ema: bool):
+  """The scaling model's per-device argument bytes of the step: state + batch shard."""
+  p = scaling_model.param_bytes_per_device(model.leaves, rules, mesh)
+  frozen_dev = 0
+  for key, tree in frozen.items():
+    owner = getattr(fam, key, None)
+    leaves = scaling_model.family_leaves(owner) if owner is not None else []
+    by_path = {x.path: x for x in leaves}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+      leaf = by_path.get(name) or scaling_model.Leaf(name, tuple(np.shape(x)), ())
+      leaf = scaling_model.Leaf(name, tuple(np.shape(x)), leaf.axes)
+      elems = scaling_model.shard_elems(x.shape, scaling_model.leaf_spec(leaf, rules, mesh), mesh)
+      frozen_dev += elems * np.dtype(x.dtype).itemsize
+  return dict(
+    params=p,
+    optimizer=2 * p,
+    ema=p if ema else 0,
+    frozen=frozen_dev,
+    batch=batch_bytes_dev,
+    total=p * (3 + int(ema)) + frozen_dev + batch_bytes_dev,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# One strategy
+
+
+def run_strategy(config, fam, frozen, model, strategy, mesh_sizes, host_batches, warmup, steps):
+  with config.unlocked():
+    config.sharding.strategy = strategy
+    for a in ("data", "fsdp", "tensor"):
+      config.mesh[a] = mesh_sizes[a]
+  t_start = time.perf_counter()
+  mesh = parallel.make_mesh(config.mesh)
+  setup = train.build(config, fam, frozen, mesh)
+  state = setup.init(setup.init_rng)
+  batches = [parallel.global_batch(b, mesh) for b in host_batches]
+  t0 = time.perf_counter()
+  print(f"  init {time.perf_counter() - t_start:.1f} s", flush=True)
+  compiled = setup.step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  print(f"  compile {compile_s:.1f} s", flush=True)
+  times, losses = [], []
+  for i, batch in enumerate(batches[: warmup + steps]):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+    losses.append(float(metrics["loss"]))
+  n = mesh.size
+  B = int(config.data.batch_size)
+  step_s = statistics.median(times)
+  fl = scaling_model.flops_per_step(model, B)
+  fl_dense = scaling_model.flops_per_step(model, B, dense_attention=True)
+  peak = peak_flops(jax.devices()[0])
+  xf = xla_flops(compiled)
+  mem = memory_bytes(compiled)
+  batch_dev = sum(
+    math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    for s, x in ((setup.batch_sharding, x) for x in jax.tree.leaves(batches[0]))
+  )
+  formula = formula_argument_bytes(
+    model, fam, frozen, setup.rules, mesh_sizes, batch_dev, "ema" in setup.shardings
+  )
+  state_dev = sum(
+    math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+    for a, s in zip(
+      jax.tree.leaves(setup.abstract_state), jax.tree.leaves(setup.shardings), strict=True
+    )
+  )
+  formula["measured_argument"] = mem.get("argument")
+  formula["from_shardings"] = state_dev + batch_dev
+  formula["ratio"] = mem["argument"] / formula["total"] if mem else None
+  del state
+  return dict(
+    strategy=strategy,
+    mesh={k: v for k, v in mesh_sizes.items() if v > 1} or dict(data=1),
+    devices=n,
+    batch=B,
+    step_s=step_s,
+    examples_per_s=B / step_s,
+    compile_s=compile_s,
+    loss=losses[-1],
+    losses=losses,
+    memory_bytes=mem,
+    flops_per_step=fl["total"],
+    flops_per_step_dense_attention=fl_dense["total"],
+    xla_flops=None if xf is None else xf * n,
+    mfu=None if peak is None else fl["total"] / (step_s * n * peak),
+    collectives=count_collectives(compiled.as_text()),
+    formula=formula,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown(result: dict) -> str:
+  def mb(x):
+    return f"{x / 2**20:.2f}"
+
+  lines = [
+    "| strategy | mesh | step s | ex/s | loss | arg / out / temp MiB | formula ratio | "
+    "collectives (n, MiB) | by kind | MFU |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
+    if "skip" in r:
+      lines.append(f"| {r['strategy']} | {mesh} | skipped: {r['skip']} ||||||||")
+      continue
+    m, c = r["memory_bytes"], r["collectives"]
+    kinds = ", ".join(f"{k} {v['count']}" for k, v in c["by_kind"].items())
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    ratio = r["formula"]["ratio"]
+    lines.append(
+      f"| {r['strategy']} | {mesh} | {r['step_s']:.4f} | {r['examples_per_s']:.1f} | "
+      f"{r['loss']:.6f} | {mb(m['argument'])} / {mb(m['output'])} / {mb(m['temp'])} | "
+      f"{ratio:.3f} | {c['count']}, {mb(c['bytes'])} | {kinds} | {mfu} |"
+    )
+  return "\n".join(lines)
+
+
+def loss_spread(rows) -> float | None:
+  losses = [r["loss"] for r in rows if "loss" in r]
+  if not losses:
+    return None
+  return (max(losses) - min(losses)) / max(abs(statistics.mean(losses)), 1e-12)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/var.py:smoke")
+  ap.add_argument("--out", default="")
+  ap.add_argument("--steps", type=int, default=3, help="timed steps per strategy")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+  ap.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+  ap.add_argument("--strategies", default=",".join(STRATEGIES))
+  args = ap.parse_args(argv)
+
+  config, fam, frozen = build(args.config, args.batch)
+  model = scaling_model.model_from_family(args.config, config, fam)
+  B = int(config.data.batch_size)
+  it = data.make_train_iter(config.data, seed=config.seed)
+  host_batches = [next(it) for _ in range(args.warmup + args.steps)]
+  n = jax.device_count()
+  rows = []
+  for strategy in args.strategies.split(","):
+    mesh, reason = mesh_for(strategy, n, model.heads, B)
+    if mesh is None:
+      print(f"skip {strategy}: {reason}")
+      rows.append(dict(strategy=strategy, mesh={}, skip=reason))
+      continue
+    print(f"running {strategy} on mesh {mesh} ...", flush=True)
+    rows.append(
+      run_strategy(
+        config, fam, frozen, model, strategy, mesh, host_batches, args.warmup, args.steps
+      )
+    )
+  import flax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  d = jax.devices()[0]
+  result = dict(
+    device=dict(
+      platform=d.platform, kind=d.device_kind, count=n, host=platform.machine(),
+      peak_flops=peak_flops(d),
+    ),
+    versions=dict(
+      jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+      flax=flax.__version__, optax=optax.__version__, python=platform.python_version(),
+    ),
+    config=dict(
+      spec=args.config, batch=B, steps=args.steps, warmup=args.warmup,
+      params=model.num_params, depth=model.depth, width=model.width, heads=model.heads,
+      seq_len=model.seq_len,
+    ),
+    loss_rel_spread=loss_spread(rows),
+    rows=rows,
+  )  # fmt: skip
+  text = markdown(result)
+  print(text)
+  print(f"loss relative spread across strategies: {result['loss_rel_spread']:.3g}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
