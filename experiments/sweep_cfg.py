@@ -1,11 +1,17 @@
 """Sampling-settings sweep of a trained generator on the offline domain metrics.
 
-    python experiments/sweep_cfg.py --workdir runs/quickstart --cfg 0,1,2,3,4 --num_samples 1000
+    python experiments/sweep_cfg.py --workdir runs/quickstart --grid cfg=0,1,2,3,4 --num_samples 1000
+    python experiments/sweep_cfg.py --workdir runs/raster --grid cfg=2,3,4 --grid top_k=0,100 \
+        --out experiments/results/sweep_cfg_raster.json
 
-Prints a table and writes experiments/results/sweep_cfg_<name>.json.
+Every combination of the `--grid` values (any sampling keyword of the family) on top of the
+config's sampling defaults, the same class-balanced labels and seed. Prints a table and writes the
+JSON.
 """
 
 import argparse
+import ast
+import itertools
 import json
 import os
 import platform
@@ -18,16 +24,22 @@ from arvision import api, evaluator
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", default="runs/quickstart")
-  ap.add_argument("--cfg", default="0,1,2,3,4")
+  ap.add_argument(
+    "--grid", action="append", help="key=v1,v2,... (repeatable); default cfg=0,1,2,3,4"
+  )
   ap.add_argument("--num_samples", type=int, default=1000)
   ap.add_argument("--out", default="experiments/results/sweep_cfg_quickstart.json")
   args = ap.parse_args()
   model = api.load(args.workdir)
   dm = evaluator.domain_metrics_for(model.config)
   labels = evaluator.balanced_labels(args.num_samples, model.config.data.num_classes)
+  axes = []
+  for item in args.grid or ["cfg=0,1,2,3,4"]:
+    key, _, values = item.partition("=")
+    axes.append([(key, ast.literal_eval(v)) for v in values.split(",")])
   rows = []
-  for cfg in (float(c) for c in args.cfg.split(",")):
-    kw = dict(model.family.sample_defaults(), cfg=cfg)
+  for combo in itertools.product(*axes):
+    kw = dict(model.family.sample_defaults(), **dict(combo))
     images = evaluator.generate(
       model.family, model.params, labels, model.config.eval.batch_size, seed=0, **kw
     )
@@ -42,7 +54,7 @@ def main():
       )
     )
     print(
-      f"cfg {cfg:4.1f}  fd_fmnist {m['fd_fmnist']:7.2f}  class_accuracy "
+      f"{dict(combo)}  fd_fmnist {m['fd_fmnist']:7.2f}  class_accuracy "
       f"{m['class_accuracy']:.3f}  precision {m['precision_fmnist']:.3f}  "
       f"recall {m['recall_fmnist']:.3f}",
       flush=True,

@@ -379,3 +379,31 @@ def test_euler_maruyama_preserves_gaussian_marginal():
     )(noise)
     assert abs(float(out.mean()) - m) < 0.02, scale
     assert abs(float(out.std()) - s) < 0.02, scale
+
+
+def test_clip_denoised_bound_tames_an_inexact_first_step():
+  """An eps error at t = 999 is amplified by 1 / sqrt(alpha_bar_999) in the predicted x_0 (MAR's
+  `clip_x0` bounds it to the data's range); True keeps the official [-1, 1]."""
+  d = GaussianDiffusion(1000, "cosine", True, sampling_steps=50)
+  ab999 = float(GaussianDiffusion(1000, "cosine", True).alphas_cumprod[999])
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-2, 2, (64, 4)), jnp.float32)
+  t = jnp.full((64,), 999, jnp.int32)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  x_t = d.q_sample(x0, t, noise)
+  out = jnp.concatenate([noise + 0.05, jnp.zeros_like(noise)], -1)  # eps off by 0.05
+  free = d.p_mean_variance(out, x_t, t)["pred_xstart"]
+  expect = 0.05 * np.sqrt(1 - ab999) / np.sqrt(ab999)  # the error the first step divides up
+  np.testing.assert_allclose(np.asarray(x0 - free), expect, rtol=1e-2)
+  assert expect > 500
+  for bound, want in ((True, 1.0), (2.0, 2.0)):
+    pred = d.p_mean_variance(out, x_t, t, clip_denoised=bound)["pred_xstart"]
+    assert float(jnp.abs(pred).max()) == pytest.approx(want)
+  # And a whole clipped loop stays in range with that model error at every step.
+  ab = jnp.asarray(GaussianDiffusion(1000, "cosine", True).alphas_cumprod, jnp.float32)
+
+  def model(x, tt):
+    a = ab[tt][:, None]
+    return jnp.concatenate([(x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a) + 0.05, 0 * x], -1)
+
+  tamed = d.p_sample_loop(model, noise, jax.random.key(1), clip_denoised=2.0)
+  assert float(jnp.abs(tamed).max()) <= 2.5

@@ -229,9 +229,12 @@ class GaussianDiffusion:
     )
 
   def p_mean_variance(
-    self, model_out: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: bool = False
+    self, model_out: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: float = False
   ) -> dict[str, jax.Array]:
     """p(x_{t-1} | x_t) from a model output (`[eps, v]` with learn_sigma, else `eps`).
+
+    `clip_denoised` (static): False/0 = off (MAR), True = clip the predicted x_0 to [-1, 1]
+    (images, official), a float c > 0 = clip to [-c, c] (latents with a known range).
 
     Returns a dict with `mean`, `variance`, `log_variance`, `pred_xstart`.
     """
@@ -253,7 +256,8 @@ class GaussianDiffusion:
       log_var = self._extract(np.log(self.fixed_large_variance), t, x_t) * jnp.ones_like(x_t)
     pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
     if clip_denoised:
-      pred_xstart = jnp.clip(pred_xstart, -1, 1)
+      bound = float(clip_denoised)
+      pred_xstart = jnp.clip(pred_xstart, -bound, bound)
     mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
     return dict(mean=mean, variance=var, log_variance=log_var, pred_xstart=pred_xstart)
 
@@ -296,7 +300,7 @@ class GaussianDiffusion:
     t: jax.Array,
     noise: jax.Array,
     temperature=1.0,
-    clip_denoised: bool = False,
+    clip_denoised: float = False,
     **model_kwargs,
   ) -> dict[str, jax.Array]:
     """One ancestral step x_t -> x_{t-1}; the added noise is scaled by `temperature` and absent
@@ -314,7 +318,7 @@ class GaussianDiffusion:
     noise: jax.Array,
     rng: jax.Array,
     temperature=1.0,
-    clip_denoised: bool = False,
+    clip_denoised: float = False,
     **model_kwargs,
   ) -> jax.Array:
     """Ancestral sampling from x_T = `noise` down to x_0 over this process's steps (a `fori_loop`;

@@ -214,6 +214,7 @@ class DiffusionHead(nn.Module):
     rng: jax.Array | None = None,
     *,
     guided: bool | None = None,
+    clip_x0: float = 0.0,
   ) -> jax.Array:
     """Samples one token per row of `z` (official `DiffLoss.sample`), `[N, C]`.
 
@@ -226,6 +227,9 @@ class DiffusionHead(nn.Module):
         defaults to the "diffusion" rng stream.
       guided: whether `z` holds `[cond; uncond]` halves. None infers `cfg != 1` from a concrete
         `cfg`; pass it explicitly when `cfg` is traced (e.g. a per-step CFG schedule).
+      clip_x0: static; > 0 clips each step's predicted x_0 to [-clip_x0, clip_x0] (0 = off, the
+        official MAR). With the cosine schedule the first step divides the eps error by
+        sqrt(alpha_bar_999) ~ 5e-5, so a briefly trained head needs it (see configs/mar.py).
 
     Returns:
       `[N, C]`. With guidance both halves hold the conditional samples (the official code returns
@@ -255,7 +259,9 @@ class DiffusionHead(nn.Module):
     else:
       model_fn, n = self.net, z.shape[0]
     noise = jax.random.normal(rng_init, (n, C), jnp.float32)
-    x = diffusion.p_sample_loop(model_fn, noise, rng_loop, temperature, c=z)
+    x = diffusion.p_sample_loop(
+      model_fn, noise, rng_loop, temperature, clip_denoised=float(clip_x0), c=z
+    )
     return jnp.concatenate([x, x]) if guided else x
 
 

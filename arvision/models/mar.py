@@ -336,10 +336,12 @@ class MAR(nn.Module):
     mask = jnp.tile(mask_BxL.reshape(B * L).astype(jnp.float32), (diffusion_batch_mul,))
     return self.diffloss(target.astype(jnp.float32), z, mask)
 
-  def head_sample(self, z_NxD, temperature, cfg, rng, num_steps: int | None, guided: bool):
+  def head_sample(
+    self, z_NxD, temperature, cfg, rng, num_steps: int | None, guided: bool, clip_x0: float = 0.0
+  ):
     """`diffloss.sample`; with `guided` the rows of z are `[cond; uncond]` halves."""
     return self.diffloss.sample(
-      z_NxD, temperature, cfg, num_steps=num_steps, rng=rng, guided=guided
+      z_NxD, temperature, cfg, num_steps=num_steps, rng=rng, guided=guided, clip_x0=clip_x0
     )
 
 
@@ -437,7 +439,7 @@ class MARFamily(Family):
     self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
     self._sample_jit = jax.jit(
       self._sample_impl,
-      static_argnames=("num_iter", "guided", "cfg_schedule", "steps_per_iter"),
+      static_argnames=("num_iter", "guided", "cfg_schedule", "steps_per_iter", "clip_x0"),
     )
 
   # --- params ------------------------------------------------------------------------------------
@@ -522,6 +524,7 @@ class MARFamily(Family):
     guided: bool,
     cfg_schedule: str,
     steps_per_iter: tuple[int, ...],
+    clip_x0: float,
   ):
     self.trace_count += 1  # runs only while tracing
     mod, var = self.module, self._vars(params)
@@ -569,7 +572,15 @@ class MARFamily(Family):
           zsel = jnp.concatenate([zsel, zu])
         step_cfg = 1.0 + (cfg - 1.0) * frac if guided else 1.0
         out = mod.apply(
-          var, zsel, temperature, step_cfg, key, n_steps, guided, method=MAR.head_sample
+          var,
+          zsel,
+          temperature,
+          step_cfg,
+          key,
+          n_steps,
+          guided,
+          clip_x0,
+          method=MAR.head_sample,
         )[: B * width].reshape(B, width, C)
         old = jnp.take_along_axis(tokens, sel[:, :, None], axis=1)
         new = jnp.where(valid[:, :, None], out.astype(tokens.dtype), old)
@@ -603,6 +614,7 @@ class MARFamily(Family):
     num_diffusion_steps=None,
     disa=False,
     disa_min_steps=5,
+    clip_x0=0.0,
   ):
     """Samples images and returns their latent tokens too.
 
@@ -618,6 +630,8 @@ class MARFamily(Family):
       num_diffusion_steps: respaced diffusion steps (None: `model.num_sampling_steps`).
       disa: anneal diffusion steps linearly from `num_diffusion_steps` (first AR step) to
         `disa_min_steps` (last AR step).
+      clip_x0: > 0 clips the diffusion head's predicted x_0 to [-clip_x0, clip_x0] at every step
+        (static; 0 = off, the official behaviour). See `DiffusionHead.sample`.
 
     Returns:
       `(images uint8 [B, H, W, C], tokens float32 [B, L, token_dim])`.
@@ -647,6 +661,7 @@ class MARFamily(Family):
       guided=guided,
       cfg_schedule=str(cfg_schedule),
       steps_per_iter=per_iter,
+      clip_x0=float(clip_x0),
     )
 
   def sample(self, params, cond, rng, **kw) -> jax.Array:
