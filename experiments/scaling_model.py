@@ -322,7 +322,7 @@ def axis_bandwidth(platform: str, mesh: dict[str, int]) -> dict[str, float]:
 
 
 def model_from_family(name: str, config, fam) -> Model:
-  """A `Model` of a built var or raster family (leaves with the family's logical axes)."""
+  """A `Model` of a built var, raster or mar family (leaves with the family's logical axes)."""
   m = fam.module
   ema = float(config.optim.ema_decay) > 0
   batch = int(config.data.batch_size)
@@ -362,7 +362,27 @@ def model_from_family(name: str, config, fam) -> Model:
       ema=ema,
       per_example_patterns=(),
     )
-  raise ValueError(f"config.family={config.family!r}: the scaling model knows var and raster")
+  if config.family == "mar":
+    # The MAE encoder over buffer + kept tokens and the decoder over buffer + L, full attention;
+    # counted at the decoder length for both (an upper bound for the encoder). The diffusion MLP
+    # (per token x diffusion_batch_mul) is not in the FLOP count: MFU for MAR is a lower bound.
+    T = m.buffer_size + fam.seq_len
+    return Model(
+      name=name,
+      leaves=family_leaves(fam),
+      depth=m.encoder_depth + m.decoder_depth,
+      width=m.decoder_dim,
+      heads=m.decoder_heads,
+      mlp_hidden=round(m.decoder_dim * m.mlp_ratio),
+      seq_len=T,
+      vocab=0,
+      visible_pairs=T * T,
+      batch=batch,
+      mlp_tensors=2 * m.mlp_ratio,
+      ema=ema,
+      per_example_patterns=(),
+    )
+  raise ValueError(f"config.family={config.family!r}: the scaling model knows var, raster, mar")
 
 
 def _build(spec: str, **overrides):
