@@ -524,7 +524,7 @@ class MARFamily(Family):
     guided: bool,
     cfg_schedule: str,
     steps_per_iter: tuple[int, ...],
-    clip_x0: float,
+    clip_x0: float = 0.0,
   ):
     self.trace_count += 1  # runs only while tracing
     mod, var = self.module, self._vars(params)
