@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 
 from arvision import config_util, families
-from arvision.models.var import VAR, param_count
+from arvision.models.common import images_to_uint8, param_count
+from arvision.models.var import VAR
 from arvision.ops import masks
 from arvision.sampling.topk import cfg_mix, filter_top_k_top_p
 
@@ -179,7 +180,7 @@ def recompute_sampler(fam):
         x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
         inputs.append(jnp.concatenate([x, x], axis=0).astype(inputs[0].dtype))
     img = tok.decode_fhat(tok_p, f_hat).astype(jnp.float32)
-    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    img_u8 = images_to_uint8(img)
     return img_u8, idx_out
 
   jitted = jax.jit(run)

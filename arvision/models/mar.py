@@ -32,7 +32,6 @@ dropout), so `attn_dropout` must be 0; projection/MLP dropout (`proj_dropout`) i
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arvision.family import Family
+from arvision.models.common import images_to_uint8, param_count  # noqa: F401
 from arvision.models.heads import DiffusionHead
 from arvision.ops import masks
 from arvision.ops.attention import attention
@@ -598,7 +598,7 @@ class MARFamily(Family):
 
     latent = unpatchify(tokens, self.patch_size, self.seq_side, self.seq_side, self.latent_channels)
     img = self.tokenizer.decode_latent(params["tokenizer"], latent).astype(jnp.float32)
-    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    img_u8 = images_to_uint8(img)
     return img_u8, tokens
 
   def sample_tokens(
@@ -668,11 +668,6 @@ class MARFamily(Family):
     """uint8 NHWC images for int labels `cond [B]` (keywords: see `sample_tokens`)."""
     images, _ = self.sample_tokens(params, cond, rng, **kw)
     return images
-
-
-def param_count(params: Any) -> int:
-  """Number of scalars in a (possibly abstract) param tree."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
 def official_param_count(

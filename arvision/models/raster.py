@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from arvision.family import Family
+from arvision.models.common import images_to_uint8, param_count  # noqa: F401
 from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
 from arvision.ops.attention import attention
@@ -600,7 +601,7 @@ class RasterFamily(Family):
     seq, _, out_logits = jax.lax.fori_loop(1, N, body, (seq, caches, out_logits))
     grid = jnp.zeros_like(seq).at[:, order].set(seq)  # decoding order -> raster grid
     img = self.tokenizer.decode_idx(params["tokenizer"], grid).astype(jnp.float32)
-    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    img_u8 = images_to_uint8(img)
     return img_u8, grid, (out_logits if return_logits else None)
 
   def sample_tokens(
@@ -691,11 +692,6 @@ class RasterFamily(Family):
       known_mask=known_mask,
     )
     return images
-
-
-def param_count(params: Any) -> int:
-  """Number of scalars in a (possibly abstract) param tree."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
 def build(config, tokenizer=None) -> RasterFamily:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 
 from arvision.family import Family
+from arvision.models.common import images_to_uint8, param_count  # noqa: F401
 from arvision.models.layers import (
   AdaLNBeforeHead,
   AdaLNSelfAttn,
@@ -432,7 +432,7 @@ class VARFamily(Family):
         x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
         x = jnp.concatenate([x, x], axis=0)
     img = tok.decode_fhat(tok_p, f_hat).astype(jnp.float32)
-    img_u8 = jnp.clip(jnp.round((img + 1.0) * 0.5 * 255.0), 0, 255).astype(jnp.uint8)
+    img_u8 = images_to_uint8(img)
     return img_u8, idx_out, (logits_out if return_logits else None)
 
   def _check_known(self, labels, known_idx, known_mask):
@@ -531,11 +531,6 @@ class VARFamily(Family):
       known_mask=known_mask,
     )
     return images
-
-
-def param_count(params: Any) -> int:
-  """Number of scalars in a (possibly abstract) param tree."""
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
 def official_param_count(
