@@ -80,7 +80,8 @@ VARIANTS = {
     train=dict(),
   ),
   # scale_factor = 1 / std of the trained latents (MAR's 0.2325 for kl16): the posterior samples of
-  # 2000 training images had std 2.09 after the 1500 default steps.
+  # 2000 training images have std 2.09 after the 1500 default steps (experiments/latent_stats.py;
+  # experiments/results/latent_stats_fmnist_kl.json).
   "fmnist_kl": dict(
     arch=dict(
       type="kl", z_channels=4, embed_dim=4, quant_conv_ks=1, fused_qkv=False, scale_factor=0.48
