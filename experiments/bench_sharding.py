@@ -22,21 +22,21 @@ Row fields:
 - `loss`: the training loss of the last step; `losses`: every step's.
 - `memory_bytes`: `compiled.memory_analysis()` per device: argument, output, temp, generated
   code, alias (outputs donated into arguments) and total = argument + output - alias + temp.
-- `flops_per_step`: analytic model FLOPs (`scaling_model.flops_per_step`: 6 x params x tokens
-  for per-token kernels, 6 x params x batch for per-example AdaLN kernels, attention
+- `flops_per_step`: analytic model FLOPs (`arvision.parallel.cost.flops_per_step`: 6 x params x
+  tokens for per-token kernels, 6 x params x batch for per-example AdaLN kernels, attention
   12 x depth x C x visible (q, k) pairs x batch -- the block-causal mask's visible pairs, not the
   full square; `flops_per_step_dense_attention` has the square). The frozen tokenizer's encoder
   is not counted. `xla_flops`: `compiled.cost_analysis()["flops"]` (XLA's count of the per-device
   program, tokenizer included) x devices, for comparison.
 - `mfu` = flops_per_step / (step_s x devices x peak bf16 FLOP/s per device); null where the
-  device has no entry in `PEAK_FLOPS` (CPU).
+  device has no entry in `arvision.parallel.measure.PEAK_FLOPS` (CPU).
 - `collectives`: ops in the compiled (post-SPMD-partitioning) HLO text: all-reduce,
   all-gather, reduce-scatter, all-to-all, collective-permute (async pairs counted once, at
   `-done`); bytes = the op's per-device result shape(s). Static counts: an op inside a loop
   body counts once. The CPU backend lowers reduce-scatter as all-reduce + slice.
-- `formula`: the scaling model's per-device argument bytes (params + AdamW m, v (+ EMA) under
-  the strategy's rules, the frozen params, the batch shard) against the measured argument size
-  (`ratio` = measured / formula).
+- `formula`: the cost model's per-device argument bytes (`arvision.parallel.cost.argument_bytes`:
+  params + AdamW m, v (+ EMA) under the strategy's rules, the frozen params, the batch shard)
+  against the measured argument size (`ratio` = measured / formula).
 """
 
 from __future__ import annotations
@@ -46,116 +46,16 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-import scaling_model  # noqa: E402
-
-from arvision import config_util, data, families, parallel, train  # noqa: E402
+from arvision import config_util, data, families, parallel, train
+from arvision.parallel import cost, measure
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
-
-# Peak dense bf16 FLOP/s per device by `device_kind` substring (first match wins).
-PEAK_FLOPS = (
-  ("H100", 989e12),
-  ("H200", 989e12),
-  ("A100", 312e12),
-  ("TPU v5 lite", 197e12),
-  ("TPU v5e", 197e12),
-  ("TPU v5p", 459e12),
-  ("TPU v5", 459e12),
-  ("TPU v6 lite", 918e12),
-  ("TPU v6e", 918e12),
-  ("TPU v4", 275e12),
-)
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {
-  "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-  "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-  "f32": 4, "s32": 4, "u32": 4,
-  "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
-}  # fmt: skip
-# `%name = <shape or (tuple)> <op>[-start|-done](` in HLO text.
-_OP_RE = re.compile(
-  r"=\s*(?P<shape>\((?:[^()]|\([^()]*\))*\)|\S+)\s+(?P<op>"
-  + "|".join(COLLECTIVES)
-  + r")(?P<suffix>-start|-done)?\("
-)
-_SHAPE_RE = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
-
-
-# ------------------------------------------------------------------------------------------------
-# HLO and memory analysis
-
-
-def shape_bytes(text: str) -> int:
-  """Bytes of every array shape in an HLO shape string (`f32[2,3]{1,0}`, tuples too)."""
-  total = 0
-  for dtype, dims in _SHAPE_RE.findall(text):
-    if dtype not in _DTYPE_BYTES:
-      continue
-    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
-def count_collectives(hlo_text: str) -> dict:
-  """`{count, bytes, by_kind: {kind: {count, bytes}}}` of the collectives in HLO text."""
-  by_kind = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    m = _OP_RE.search(line)
-    if m is None or m.group("suffix") == "-start":
-      continue
-    k = by_kind[m.group("op")]
-    k["count"] += 1
-    k["bytes"] += shape_bytes(m.group("shape"))
-  by_kind = {k: v for k, v in by_kind.items() if v["count"]}
-  return dict(
-    count=sum(v["count"] for v in by_kind.values()),
-    bytes=sum(v["bytes"] for v in by_kind.values()),
-    by_kind=by_kind,
-  )
-
-
-def memory_bytes(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  out = dict(
-    argument=int(m.argument_size_in_bytes),
-    output=int(m.output_size_in_bytes),
-    temp=int(m.temp_size_in_bytes),
-    generated_code=int(m.generated_code_size_in_bytes),
-    alias=int(m.alias_size_in_bytes),
-  )
-  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
-
-
-def xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for key, value in PEAK_FLOPS:
-    if key.lower() in kind.lower():
-      return value
-  return None
-
 
 # ------------------------------------------------------------------------------------------------
 # Meshes
@@ -210,30 +110,6 @@ def build(spec: str, batch: int | None, seed: int = 0):
   return config, fam, jax.tree.map(np.asarray, frozen)
 
 
-def formula_argument_bytes(model, fam, frozen, rules, mesh, batch_bytes_dev: int, ema: bool):
-  """The scaling model's per-device argument bytes of the step: state + batch shard."""
-  p = scaling_model.param_bytes_per_device(model.leaves, rules, mesh)
-  frozen_dev = 0
-  for key, tree in frozen.items():
-    owner = getattr(fam, key, None)
-    leaves = scaling_model.family_leaves(owner) if owner is not None else []
-    by_path = {x.path: x for x in leaves}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-      leaf = by_path.get(name) or scaling_model.Leaf(name, tuple(np.shape(x)), ())
-      leaf = scaling_model.Leaf(name, tuple(np.shape(x)), leaf.axes)
-      elems = scaling_model.shard_elems(x.shape, scaling_model.leaf_spec(leaf, rules, mesh), mesh)
-      frozen_dev += elems * np.dtype(x.dtype).itemsize
-  return dict(
-    params=p,
-    optimizer=2 * p,
-    ema=p if ema else 0,
-    frozen=frozen_dev,
-    batch=batch_bytes_dev,
-    total=p * (3 + int(ema)) + frozen_dev + batch_bytes_dev,
-  )
-
-
 # ------------------------------------------------------------------------------------------------
 # One strategy
 
@@ -264,16 +140,16 @@ def run_strategy(config, fam, frozen, model, strategy, mesh_sizes, host_batches,
   n = mesh.size
   B = int(config.data.batch_size)
   step_s = statistics.median(times)
-  fl = scaling_model.flops_per_step(model, B)
-  fl_dense = scaling_model.flops_per_step(model, B, dense_attention=True)
-  peak = peak_flops(jax.devices()[0])
-  xf = xla_flops(compiled)
-  mem = memory_bytes(compiled)
+  fl = cost.flops_per_step(model, B)
+  fl_dense = cost.flops_per_step(model, B, dense_attention=True)
+  peak = measure.peak_flops(jax.devices()[0])
+  xf = measure.xla_flops(compiled)
+  mem = measure.memory_bytes(compiled)
   batch_dev = sum(
     math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
     for s, x in ((setup.batch_sharding, x) for x in jax.tree.leaves(batches[0]))
   )
-  formula = formula_argument_bytes(
+  formula = cost.argument_bytes(
     model, fam, frozen, setup.rules, mesh_sizes, batch_dev, "ema" in setup.shardings
   )
   state_dev = sum(
@@ -301,39 +177,13 @@ def run_strategy(config, fam, frozen, model, strategy, mesh_sizes, host_batches,
     flops_per_step_dense_attention=fl_dense["total"],
     xla_flops=None if xf is None else xf * n,
     mfu=None if peak is None else fl["total"] / (step_s * n * peak),
-    collectives=count_collectives(compiled.as_text()),
+    collectives=measure.count_collectives(compiled.as_text()),
     formula=formula,
   )
 
 
 # ------------------------------------------------------------------------------------------------
 # Output
-
-
-def markdown(result: dict) -> str:
-  def mb(x):
-    return f"{x / 2**20:.2f}"
-
-  lines = [
-    "| strategy | mesh | step s | ex/s | loss | arg / out / temp MiB | formula ratio | "
-    "collectives (n, MiB) | by kind | MFU |",
-    "|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for r in result["rows"]:
-    mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items())
-    if "skip" in r:
-      lines.append(f"| {r['strategy']} | {mesh} | skipped: {r['skip']} ||||||||")
-      continue
-    m, c = r["memory_bytes"], r["collectives"]
-    kinds = ", ".join(f"{k} {v['count']}" for k, v in c["by_kind"].items())
-    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    ratio = r["formula"]["ratio"]
-    lines.append(
-      f"| {r['strategy']} | {mesh} | {r['step_s']:.4f} | {r['examples_per_s']:.1f} | "
-      f"{r['loss']:.6f} | {mb(m['argument'])} / {mb(m['output'])} / {mb(m['temp'])} | "
-      f"{ratio:.3f} | {c['count']}, {mb(c['bytes'])} | {kinds} | {mfu} |"
-    )
-  return "\n".join(lines)
 
 
 def loss_spread(rows) -> float | None:
@@ -354,7 +204,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   config, fam, frozen = build(args.config, args.batch)
-  model = scaling_model.model_from_family(args.config, config, fam)
+  model = cost.model_from_family(args.config, config, fam)
   B = int(config.data.batch_size)
   it = data.make_train_iter(config.data, seed=config.seed)
   host_batches = [next(it) for _ in range(args.warmup + args.steps)]
@@ -379,7 +229,7 @@ def main(argv=None):
   result = dict(
     device=dict(
       platform=d.platform, kind=d.device_kind, count=n, host=platform.machine(),
-      peak_flops=peak_flops(d),
+      peak_flops=measure.peak_flops(d),
     ),
     versions=dict(
       jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
@@ -393,7 +243,7 @@ def main(argv=None):
     loss_rel_spread=loss_spread(rows),
     rows=rows,
   )  # fmt: skip
-  text = markdown(result)
+  text = measure.bench_table(result)
   print(text)
   print(f"loss relative spread across strategies: {result['loss_rel_spread']:.3g}")
   if args.out:

@@ -1,10 +1,11 @@
-"""experiments/bench_sharding.py and experiments/scaling_model.py: the HLO collective parser, the
-FLOP / memory / communication formulas, the committed results, and (slow) a run on 8 host devices
-where every strategy must reach the same loss (relative spread < 1e-3)."""
+"""The sharding cost model (`arvision.parallel.cost`, `arvision.parallel.measure`) behind
+experiments/bench_sharding.py and experiments/scaling_model.py: the HLO collective parser, the
+FLOP / memory / communication formulas, the committed results (their formula columns recomputed),
+and (slow) the benchmark script on 8 host devices where every strategy must reach the same loss
+(relative spread < 1e-3)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,33 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arvision import config_util, families
+from arvision.parallel import cost, logical, measure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "experiments")
-
-
-def _load(name):
-  if EXP not in sys.path:
-    sys.path.insert(0, EXP)
-  spec = importlib.util.spec_from_file_location(name, os.path.join(EXP, f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-@pytest.fixture(scope="module")
-def bench():
-  return _load("bench_sharding")
-
-
-@pytest.fixture(scope="module")
-def sm():
-  return _load("scaling_model")
 
 
 # --- HLO collective parser ---------------------------------------------------------------------
 
 
-def test_parser_on_handwritten_hlo(bench):
+def test_parser_on_handwritten_hlo():
   hlo = textwrap.dedent(
     """
     %all-reduce.42 = (f32[192]{0}, bf16[32,8]{1,0}, /*index=2*/s32[]) all-reduce(%a, %b, %c), channel_id=1
@@ -54,7 +39,7 @@ def test_parser_on_handwritten_hlo(bench):
     %fusion = f32[4]{0} fusion(%all-reduce.42), kind=kLoop
     """
   )
-  out = bench.count_collectives(hlo)
+  out = measure.count_collectives(hlo)
   assert out["by_kind"]["all-reduce"] == dict(count=1, bytes=192 * 4 + 32 * 8 * 2 + 4)
   assert out["by_kind"]["all-gather"] == dict(count=1, bytes=8 * 3 * 4)  # -start not counted
   assert out["by_kind"]["collective-permute"] == dict(count=1, bytes=5)
@@ -65,11 +50,10 @@ def test_parser_on_handwritten_hlo(bench):
 
 _COMPILED_SCRIPT = textwrap.dedent(
   """
-  import json, sys
-  sys.path.insert(0, "experiments")
+  import json
   import jax, jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
-  import bench_sharding as bs
+  from arvision.parallel import measure
 
   mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -82,7 +66,7 @@ _COMPILED_SCRIPT = textwrap.dedent(
   f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("x"), P()),
                             out_specs=(P(), P(), P("x")), check_vma=False))
   args = (jnp.ones((3, 8)), jnp.ones((8, 5)), jnp.ones((6,)))
-  print(json.dumps(bs.count_collectives(f.lower(*args).compile().as_text())))
+  print(json.dumps(measure.count_collectives(f.lower(*args).compile().as_text())))
   """
 )
 
@@ -109,11 +93,11 @@ def test_parser_on_compiled_program():
 # --- formulas ----------------------------------------------------------------------------------
 
 
-def test_matmul_flops_match_xla_cost_analysis(sm):
+def test_matmul_flops_match_xla_cost_analysis():
   """6 x params x tokens is what XLA counts for a bias-free linear stack (fwd + bwd)."""
   B, C, H = 16, 32, 64
-  leaves = [sm.Leaf("fc1/kernel", (C, H), ()), sm.Leaf("fc2/kernel", (H, C), ())]
-  model = sm.Model(
+  leaves = [cost.Leaf("fc1/kernel", (C, H), ()), cost.Leaf("fc2/kernel", (H, C), ())]
+  model = cost.Model(
     "mlp", leaves, depth=0, width=C, heads=1, mlp_hidden=H, seq_len=1, vocab=1, visible_pairs=0,
     batch=B,
   )  # fmt: skip
@@ -123,95 +107,96 @@ def test_matmul_flops_match_xla_cost_analysis(sm):
 
   w = dict(fc1=jnp.ones((C, H)), fc2=jnp.ones((H, C)))
   compiled = jax.jit(jax.value_and_grad(loss)).lower(w, jnp.ones((B, C))).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  analytic = sm.flops_per_step(model, B)["total"]
+  xla = compiled.cost_analysis()
+  xla = xla[0] if isinstance(xla, list | tuple) else xla
+  analytic = cost.flops_per_step(model, B)["total"]
   assert analytic == 6 * (C * H * 2) * B
   # XLA skips the one matmul nobody needs, d(loss)/d(input) of fc1 (2*B*C*H), and adds the
   # loss reduction (B*C).
-  assert abs(cost["flops"] - (analytic - 2 * B * C * H)) / analytic < 0.02
+  assert abs(xla["flops"] - (analytic - 2 * B * C * H)) / analytic < 0.02
 
 
-def test_var_visible_pairs_and_attention_flops(sm):
+def test_var_visible_pairs_and_attention_flops():
   """Block-causal visible pairs against a dense numpy mask; attention = 12 depth C pairs B."""
-  from arvision import config_util, families
-
   config = config_util.load_config_file("configs/var.py:smoke")
   fam = families.build(config, tokenizer=families.build(config.tokenizer.config))
-  model = sm.model_from_family("smoke", config, fam)
+  model = cost.model_from_family("smoke", config, fam)
   scale = np.concatenate([np.full(p * p, i) for i, p in enumerate(fam.patch_nums)])
   mask = scale[:, None] >= scale[None, :]
   assert model.visible_pairs == int(mask.sum())
   assert model.num_params == sum(x.size for x in jax.tree.leaves(fam.abstract_params()))
-  f, fd = sm.flops_per_step(model, 3), sm.flops_per_step(model, 3, dense_attention=True)
+  f, fd = cost.flops_per_step(model, 3), cost.flops_per_step(model, 3, dense_attention=True)
   C, L = model.width, model.seq_len
   assert f["attention"] == 12 * model.depth * C * int(mask.sum()) * 3
   assert fd["attention"] == 12 * model.depth * C * L * L * 3
   assert f["matmul"] == fd["matmul"]
 
 
-def _toy_model(sm, ema=False):
+def _toy_model(ema=False):
   C, F, V = 64, 256, 128  # every dim divisible by 8
   leaves = [
-    sm.Leaf("qkv/kernel", (C, 3 * C), ("embed", "heads")),
-    sm.Leaf("proj/kernel", (C, C), ("heads", "embed")),
-    sm.Leaf("fc1/kernel", (C, F), ("embed", "mlp")),
-    sm.Leaf("fc2/kernel", (F, C), ("mlp", "embed")),
-    sm.Leaf("head/kernel", (C, V), ("embed", "vocab")),
+    cost.Leaf("qkv/kernel", (C, 3 * C), ("embed", "heads")),
+    cost.Leaf("proj/kernel", (C, C), ("heads", "embed")),
+    cost.Leaf("fc1/kernel", (C, F), ("embed", "mlp")),
+    cost.Leaf("fc2/kernel", (F, C), ("mlp", "embed")),
+    cost.Leaf("head/kernel", (C, V), ("embed", "vocab")),
   ]
-  return sm.Model(
+  return cost.Model(
     "toy", leaves, depth=1, width=C, heads=8, mlp_hidden=F, seq_len=16, vocab=V,
     visible_pairs=16 * 16, batch=32, ema=ema,
   )  # fmt: skip
 
 
-def test_memory_and_comm_closed_forms(sm):
-  model = _toy_model(sm)
+def test_memory_and_comm_closed_forms():
+  model = _toy_model()
   P4 = model.num_params * 4
   n = 8
-  dp = sm.per_device(model, "dp", dict(data=n))
+  dp = cost.per_device(model, "dp", dict(data=n))
   assert dp["memory"]["params"] == P4 and dp["memory"]["state"] == 4 * P4  # p, g, m, v
   assert dp["comm_bytes"]["data"] == pytest.approx(2 * (n - 1) / n * P4)
   assert dp["comm_bytes"]["fsdp"] == 0 and dp["comm_bytes"]["tensor"] == 0
 
-  fsdp = sm.per_device(model, "fsdp", dict(fsdp=n))
+  fsdp = cost.per_device(model, "fsdp", dict(fsdp=n))
   assert fsdp["memory"]["params"] == P4 / n
   assert fsdp["comm_bytes"]["fsdp"] == pytest.approx(3 * (n - 1) / n * P4)  # 2 AG + RS
   assert fsdp["comm_bytes"]["data"] == 0
 
-  hsdp = sm.per_device(model, "hsdp", dict(data=2, fsdp=4))
+  hsdp = cost.per_device(model, "hsdp", dict(data=2, fsdp=4))
   assert hsdp["memory"]["params"] == P4 / 4
   assert hsdp["comm_bytes"]["fsdp"] == pytest.approx(3 * 3 / 4 * P4)
   assert hsdp["comm_bytes"]["data"] == pytest.approx(2 * 1 / 2 * P4 / 4)
 
-  tp = sm.per_device(model, "tp", dict(data=2, tensor=4))
+  tp = cost.per_device(model, "tp", dict(data=2, tensor=4))
   assert tp["memory"]["params"] == P4 / 4  # every leaf has a heads / mlp / vocab dim
   b = model.batch / 2
   act = b * model.seq_len * model.width * 4
   assert tp["comm_bytes"]["tensor"] == pytest.approx(4 * model.depth * 2 * 3 / 4 * act)
   assert tp["comm_bytes"]["data"] == pytest.approx(2 * 1 / 2 * P4 / 4)
 
-  ema = sm.per_device(_toy_model(sm, ema=True), "dp", dict(data=n))
+  ema = cost.per_device(_toy_model(ema=True), "dp", dict(data=n))
   assert ema["memory"]["state"] == 5 * P4
 
 
-def test_uneven_dims_stay_replicated(sm):
+def test_uneven_dims_stay_replicated():
   """The loop's rules drop a mesh axis that does not divide a dim; the formula follows."""
-  leaf = sm.Leaf("w", (12, 5), ("embed", "mlp"))
+  leaf = cost.Leaf("w", (12, 5), ("embed", "mlp"))
   assert (
-    sm.shard_elems(leaf.shape, sm.leaf_spec(leaf, sm.strategy_rules("fsdp"), {"fsdp": 8}), {}) == 60
+    cost.shard_elems(leaf.shape, cost.leaf_spec(leaf, logical.get_rules("fsdp"), {"fsdp": 8}), {})
+    == 60
   )
-  leaf = sm.Leaf("w", (16, 5), ("embed", "mlp"))
+  leaf = cost.Leaf("w", (16, 5), ("embed", "mlp"))
   mesh = {"fsdp": 8}
-  assert sm.shard_elems(leaf.shape, sm.leaf_spec(leaf, sm.strategy_rules("fsdp"), mesh), mesh) == 10
+  assert (
+    cost.shard_elems(leaf.shape, cost.leaf_spec(leaf, logical.get_rules("fsdp"), mesh), mesh) == 10
+  )
 
 
-def test_activation_estimate(sm):
-  model = _toy_model(sm)
+def test_activation_estimate():
+  model = _toy_model()
   b, L, C, H, V = 2, model.seq_len, model.width, model.heads, model.vocab
-  full = sm.activation_bytes(model, b, 1, remat=False, flash=False)
+  full = cost.activation_bytes(model, b, 1, remat=False, flash=False)
   assert full == 4 * (model.depth * ((3 + 4 + 8) * b * L * C + H * L * L * b) + 2 * b * L * V)
-  remat = sm.activation_bytes(model, b, 1, remat=True, flash=True)
+  remat = cost.activation_bytes(model, b, 1, remat=True, flash=True)
   assert remat == 4 * (model.depth * b * L * C + 15 * b * L * C + 2 * b * L * V)
 
 
@@ -229,6 +214,36 @@ def test_committed_results_agree():
     assert abs(r["formula"]["ratio"] - 1) < 0.01, r["strategy"]
   arg = {r["strategy"]: r["memory_bytes"]["argument"] for r in rows}
   assert arg["fsdp"] < arg["hsdp"] < arg["dp"]
+
+
+@pytest.mark.parametrize("name", ["", "_fmnist", "_raster", "_mar"])
+def test_committed_formula_columns_reproduce(name):
+  """The cost model gives every formula number of a committed benchmark exactly (the formulas
+  need only shapes: the frozen tokenizer is abstract, nothing is timed)."""
+  with open(os.path.join(EXP, "results", f"bench_sharding_cpu8{name}.json")) as f:
+    res = json.load(f)
+  c = res["config"]
+  config = config_util.load_config_file(c["spec"])
+  with config.unlocked():
+    config.data.batch_size = c["batch"]
+  tok = families.build(config.tokenizer.config)
+  fam = families.build(config, tokenizer=tok)
+  tok_params = jax.eval_shape(lambda r: tok.init(r, None), jax.random.key(1))
+  frozen = {"tokenizer": {"ae": tok_params["ae"]} if "ae" in tok_params else tok_params}
+  model = cost.model_from_family(c["spec"], config, fam)
+  assert model.num_params == c["params"]
+  rows = [r for r in res["rows"] if "skip" not in r]
+  assert rows
+  for r in rows:
+    mesh = {**dict(data=1, fsdp=1, tensor=1), **r["mesh"]}
+    rules = logical.get_rules(r["strategy"])
+    want = r["formula"]
+    got = cost.argument_bytes(model, fam, frozen, rules, mesh, want["batch"], model.ema)
+    assert got == {k: want[k] for k in got}, r["strategy"]
+    assert want["ratio"] == want["measured_argument"] / got["total"]
+    assert cost.flops_per_step(model, c["batch"])["total"] == r["flops_per_step"]
+    dense = cost.flops_per_step(model, c["batch"], dense_attention=True)["total"]
+    assert dense == r["flops_per_step_dense_attention"]
 
 
 # --- the benchmark on 8 host devices -----------------------------------------------------------

@@ -19,8 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from arvision import data, families
 from arvision.config_util import load_config_file
-from arvision.parallel import rules as R
-from arvision.parallel.logical import LOGICAL_AXES
+from arvision.parallel import logical as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +103,7 @@ def test_every_param_of_every_family_is_annotated(name):
     assert is_box(leaf), f"{name}: param {key} has no logical axis names"
     names = tuple(leaf.names)
     assert len(names) == leaf.value.ndim, f"{name}: {key} names {names} vs {leaf.value.shape}"
-    bad = [n for n in names if n is not None and n not in LOGICAL_AXES]
+    bad = [n for n in names if n is not None and n not in R.LOGICAL_AXES]
     assert not bad, f"{name}: {key} uses unknown logical names {bad}"
   # `init` returns the same tree unboxed (what checkpoints and converters see).
   plain = jax.eval_shape(family.init, jax.random.key(0), example)

@@ -1,5 +1,15 @@
-"""Device meshes, sharding strategies (rules tables over logical axis names), batch assembly."""
+"""Device meshes and batch assembly (`mesh`), logical axis names and the sharding strategies that map
+them to mesh axes (`logical`), the per-device cost model of a sharded step (`cost`)."""
 
+from arvision.parallel.logical import (
+  RULES,
+  STRATEGIES,
+  get_rules,
+  match_by_path,
+  spec,
+  tree_shardings,
+  use_rules,
+)
 from arvision.parallel.mesh import (
   AXES,
   BATCH_AXES,
@@ -8,15 +18,6 @@ from arvision.parallel.mesh import (
   make_mesh,
   maybe_initialize_distributed,
   replicated,
-)
-from arvision.parallel.rules import (
-  RULES,
-  STRATEGIES,
-  get_rules,
-  match_by_path,
-  spec,
-  tree_shardings,
-  use_rules,
 )
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Mesh axes are ("data", "fsdp", "tensor") with Auto axis types (GSPMD propagation); `-1` in
 `config.mesh` means "all remaining devices". Batches are split over ("data", "fsdp"). How params
-are split is the strategy's rules table (`arvision.parallel.rules`).
+are split is the strategy's rules table (`arvision.parallel.logical`).
 """
 
 from __future__ import annotations
