@@ -92,7 +92,14 @@ def _model(n_layer, n_head, dim, multiple_of=256, dropout=0.1):
       ffn_dropout=dropout,
       drop_path_rate=0.0,
       cond_drop_rate=0.1,
+      # Decoding order and tokens per step (arvision/sampling/orders.py): order raster | random
+      # (a permutation per example, RandAR) | regions (PAR's interleaving of regions x regions
+      # blocks); schedule one (a token per step) | par (regions**2 per step after the first
+      # regions**2) | cosine (schedule_steps steps). Training and sampling use the same.
       order="raster",
+      regions=2,
+      schedule="one",
+      schedule_steps=0,
       attn_impl="auto",
     )
   )

@@ -315,3 +315,125 @@ def test_smoke_config_trains_through_the_loop(tmp_path):
   imgs = model.sample([0, 1], jax.random.key(0))
   assert imgs.shape == (2, 16, 16, 1) and imgs.dtype == np.uint8
   np.testing.assert_array_equal(imgs, model.sample([0, 1], jax.random.key(0)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Orders, schedules and their masks (arvision/sampling/orders.py)
+
+
+def test_orders_and_schedules():
+  from arvision.sampling import orders
+
+  reg = orders.region_order(4, 2)
+  assert sorted(reg.tolist()) == list(range(16))
+  # the first four tokens are the top-left token of each 2x2 block, block by block
+  assert reg[:4].tolist() == [0, 2, 8, 10] and reg[4:8].tolist() == [1, 3, 9, 11]
+  assert orders.par_schedule(16, 4) == (1, 1, 1, 1, 4, 4, 4)
+  cos = orders.cosine_schedule(64, 8)
+  assert sum(cos) == 64 and orders.check_schedule(cos, 64) == cos and max(cos) > 1
+  np.testing.assert_array_equal(orders.query_slots((1,) * 5, 1), np.arange(5))
+  np.testing.assert_array_equal(orders.query_slots((1, 1, 2), 1), [0, 1, 1, 2])
+  assert orders.input_mask((1,) * 5, 1) == raster.masks.causal()
+  assert orders.input_mask((1, 1, 2), 1) == raster.masks.scale_causal((1, 1, 1))
+  with pytest.raises(ValueError, match="summing to N"):
+    orders.check_schedule((1, 2), 4)
+  with pytest.raises(ValueError, match="k <= 2"):
+    orders.check_schedule((1, 3, 1), 5)
+  with pytest.raises(ValueError, match="model.order"):
+    orders.static_order("spiral", 4)
+  with pytest.raises(ValueError, match="regions"):
+    orders.region_order(4, 3)
+
+
+def _random_orders(seed, B, N):
+  return jnp.asarray(np.stack([np.random.default_rng(seed + b).permutation(N) for b in range(B)]))
+
+
+def test_random_order_kv_cache_equals_teacher_forcing_in_that_order():
+  fam, _, params, _ = setup()
+  B, labels = 2, jnp.array([0, 3])
+  order = _random_orders(0, B, fam.num_tokens)
+  seq = rand_tokens(5, B, fam)  # in decoding order
+  _, grid, lg = fam.sample_tokens(
+    params,
+    labels,
+    jax.random.key(0),
+    cfg=1.0,
+    known=seq,
+    known_mask=jnp.ones_like(seq, bool),
+    order=order,
+    return_logits=True,
+  )
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(grid), np.asarray(order), 1), seq)
+  full = fam.apply(params, labels, seq, order=order)
+  np.testing.assert_allclose(lg, full, atol=2e-5)
+  # RoPE rows follow each example's grid positions: another order changes the logits
+  assert not np.allclose(full, fam.apply(params, labels, seq), atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", [(1, 1, 1, 1, 4, 4, 4), (1, 1, 2, 3, 4, 5)])
+def test_parallel_schedule_logits_equal_block_causal_full_forward(schedule):
+  fam, _, params, _ = setup()
+  B, labels = 2, jnp.array([1, 4])
+  order = _random_orders(3, B, fam.num_tokens)
+  for cfg in (1.0, 3.0):
+    _, grid, lg = fam.sample_tokens(
+      params,
+      labels,
+      jax.random.key(2),
+      cfg=cfg,
+      order=order,
+      schedule=schedule,
+      return_logits=True,
+    )
+    seq = jnp.take_along_axis(grid, order, axis=1)
+    full_c = fam.apply(params, labels, seq, order=order, schedule=schedule)
+    if cfg == 1.0:
+      np.testing.assert_allclose(lg, full_c, atol=2e-5)
+    else:
+      full_u = fam.apply(params, jnp.full_like(labels, 5), seq, order=order, schedule=schedule)
+      np.testing.assert_allclose(lg, full_u + 3.0 * (full_c - full_u), atol=1e-4)
+
+
+def test_parallel_schedule_tokens_of_a_step_do_not_see_each_other():
+  fam, _, params, _ = setup()
+  schedule = (1, 1, 2, 3, 4, 5)
+  starts = np.cumsum((0,) + schedule)
+  seq = rand_tokens(6, 1, fam)
+  emb0 = params["tok_embeddings"]["embedding"]
+
+  def logits_of(emb, t):
+    p = {**params, "tok_embeddings": {"embedding": emb}}
+    return fam.apply(p, jnp.array([2]), seq, schedule=schedule)[0, t]
+
+  for s in range(1, len(schedule)):
+    t = int(starts[s]) + schedule[s] - 1  # the last token of step s
+    g = jax.grad(lambda e, t=t: jnp.sum(logits_of(e, t) ** 2))(emb0)
+    used = np.abs(np.asarray(g)).sum(-1) > 0
+    seen = set(np.asarray(seq[0, : int(starts[s])]).tolist())
+    unseen = set(np.asarray(seq[0, int(starts[s]) :]).tolist()) - seen
+    assert all(used[v] for v in seen) and not any(used[v] for v in unseen), (s, seen, unseen)
+
+
+def test_order_values_do_not_retrace_and_random_order_trains():
+  fam, _, params, _ = setup()
+  labels = jnp.array([0, 1])
+  fam.sample(params, labels, jax.random.key(0), order=_random_orders(0, 2, fam.num_tokens))
+  n = fam.trace_count
+  a = fam.sample_tokens(params, labels, jax.random.key(0), order=_random_orders(9, 2, 16))[1]
+  b = fam.sample_tokens(params, labels, jax.random.key(0), order=np.arange(16)[::-1])[1]
+  assert fam.trace_count == n and not np.array_equal(a, b)
+  # order = random in the config: a permutation per example, drawn from the loss rng
+  rfam, _, rparams, _ = setup(order="random")
+  assert rfam.order is None
+  batch = {"tokens": rand_tokens(7, 3, rfam), "label": jnp.array([0, 1, 2])}
+  l1, _ = rfam.loss(rparams, batch, jax.random.key(1), False)
+  l2, _ = rfam.loss(rparams, batch, jax.random.key(1), False)
+  l3, _ = rfam.loss(rparams, batch, jax.random.key(2), False)
+  assert float(l1) == float(l2) and float(l1) != float(l3)
+  order = rfam._order(jax.random.fold_in(jax.random.key(1), 1), 3)
+  seq = jnp.take_along_axis(batch["tokens"], order, axis=1)
+  logp = jax.nn.log_softmax(rfam.apply(rparams, batch["label"], seq, order=order))
+  np.testing.assert_allclose(l1, -jnp.take_along_axis(logp, seq[..., None], -1).mean(), rtol=1e-5)
+  imgs = rfam.sample(rparams, batch["label"], jax.random.key(3))
+  np.testing.assert_array_equal(imgs, rfam.sample(rparams, batch["label"], jax.random.key(3)))

@@ -37,11 +37,11 @@ from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
+from arvision.sampling import orders
 from arvision.sampling.kv_cache import KVCache, init_kv_caches, update_kv_cache
 from arvision.sampling.topk import filter_top_k_top_p
 
 ROPE_PREFIX = ("zero", "identity")
-ORDERS = ("raster",)
 ACT = ("batch", "seq", "embed")
 
 
@@ -343,10 +343,11 @@ class RasterTransformer(nn.Module):
   def embed_tokens(self, idx_BxL: jax.Array) -> jax.Array:
     return self.tok_embeddings(idx_BxL)
 
-  def run(self, h, rope_rows, *, mask, deterministic=True, caches=None, cache_index=0):
-    """Blocks + norm + head over embeddings `h [B, L, C]`; `rope_rows` index the RoPE table.
+  def run(self, h, rope_rows, *, mask, deterministic=True, caches=None, cache_index=0, head=True):
+    """Blocks + norm (+ head) over embeddings `h [B, L, C]`; `rope_rows` index the RoPE table.
 
-    Returns `(float32 logits [B, L, V], new caches or None)`.
+    Returns `(float32 logits [B, L, V], or the normed hidden [B, L, C] without head; new caches or
+    None)`.
     """
     rope = jnp.asarray(self.rope_table())[rope_rows]
     h = constrain(self.token_drop(h, deterministic=deterministic), ACT)
@@ -358,10 +359,14 @@ class RasterTransformer(nn.Module):
       )
       if caches is not None:
         new_caches.append(cache)
-    logits = self.output(self.norm(h)).astype(jnp.float32)
-    return constrain(logits, ("batch", "seq", "vocab")), new_caches
+    h = self.norm(h)
+    return (self.logits(h) if head else h), new_caches
 
-  def __call__(self, label_B, idx_BxLm1, rope_rows=None, *, train: bool = False):
+  def logits(self, hidden_BxLxC: jax.Array) -> jax.Array:
+    """The head on normed hidden states: float32 logits `[B, L, V]`."""
+    return constrain(self.output(hidden_BxLxC).astype(jnp.float32), ("batch", "seq", "vocab"))
+
+  def __call__(self, label_B, idx_BxLm1, rope_rows=None, *, train=False, mask=None, query=None):
     """Teacher-forced logits `[B, N, V]`: class prefix + tokens[:-1] predicts tokens.
 
     Args:
@@ -370,6 +375,9 @@ class RasterTransformer(nn.Module):
       rope_rows: int `[N]` or `[B, N]` RoPE table rows of the inputs; default raster
         (`0 .. N - 1`: the prefix row, then grid positions 0 .. N - 2).
       train: dropouts and label dropout (needs a 'dropout' rng).
+      mask: the input mask (`sampling.orders.input_mask`); default causal.
+      query: int `[N]`, the input slot read for each token (`sampling.orders.query_slots`);
+        default `P - 1 + t` (next-token prediction).
     """
     N = self.num_tokens
     if idx_BxLm1.shape[1] != N - 1:
@@ -377,23 +385,20 @@ class RasterTransformer(nn.Module):
     h = jnp.concatenate([self.embed_cond(label_B, train), self.embed_tokens(idx_BxLm1)], axis=1)
     if rope_rows is None:
       rope_rows = jnp.arange(N)
-    logits, _ = self.run(h, rope_rows, mask=masks.causal(), deterministic=not train)
-    return logits[:, self.prefix - 1 :]
+    mask = masks.causal() if mask is None else mask
+    logits, _ = self.run(h, rope_rows, mask=mask, deterministic=not train)
+    return logits[:, self.prefix - 1 :] if query is None else logits[:, query]
 
-  def step(self, h_BxLxC, caches, cache_index, rope_rows):
-    """Cached decoding of `L` new positions at `cache_index` (int or traced)."""
-    return self.run(h_BxLxC, rope_rows, mask=masks.causal(), caches=caches, cache_index=cache_index)
+  def step(self, h_BxLxC, caches, cache_index, rope_rows, mask=None):
+    """Cached decoding of `L` new positions at `cache_index`: normed hidden `[B, L, C]`."""
+    mask = masks.causal() if mask is None else mask
+    return self.run(
+      h_BxLxC, rope_rows, mask=mask, caches=caches, cache_index=cache_index, head=False
+    )
 
 
 # ------------------------------------------------------------------------------------------------
-# Decoding orders and CFG
-
-
-def decoding_order(name: str, num_tokens: int) -> np.ndarray:
-  """int32 `[N]`: sequence slot t -> grid position (row-major). `raster` is the identity."""
-  if name not in ORDERS:
-    raise ValueError(f"model.order={name!r} is unknown; accepted: {ORDERS}")
-  return np.arange(num_tokens, dtype=np.int32)
+# CFG
 
 
 def cfg_logits(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
@@ -471,9 +476,19 @@ class RasterFamily(Family):
     )
     self.module.rope_table()  # fails now on a head dim that 2D RoPE cannot split
     self.num_tokens = self.module.num_tokens
-    self.order = decoding_order(str(_get(m, "order", "raster")), self.num_tokens)
+    # Decoding order and schedule (arvision/sampling/orders.py): `order` is None for `random`
+    # (drawn per example from the rng); the schedule is static (the mask and slots follow it).
+    self.order_name = str(_get(m, "order", "raster"))
+    regions = int(_get(m, "regions", 2))
+    self.order = orders.static_order(self.order_name, self.grid_size, regions)
+    self.schedule = orders.check_schedule(
+      orders.schedule(
+        str(_get(m, "schedule", "one")), self.num_tokens, regions, int(_get(m, "schedule_steps", 0))
+      ),
+      self.num_tokens,
+    )
     self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
-    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("return_logits",))
+    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("schedule", "return_logits"))
 
   # --- params ------------------------------------------------------------------------------------
 
@@ -493,20 +508,47 @@ class RasterFamily(Family):
 
   # --- training ----------------------------------------------------------------------------------
 
-  def apply(self, params, label_B, tokens_BxN, rng=None, train: bool = False):
-    """Teacher-forced logits `[B, N, V]` for tokens in decoding order."""
+  def apply(self, params, label_B, tokens_BxN, rng=None, train=False, order=None, schedule=None):
+    """Teacher-forced logits `[B, N, V]` for tokens in decoding order.
+
+    `order` (int `[N]` or `[B, N]`, default the model's) places the RoPE rows; `schedule` (counts,
+    default the model's) sets the input mask and the slot read for each token.
+    """
     if train and rng is None:
       raise ValueError("RasterFamily.apply(train=True) needs an rng")
     rngs = {"dropout": rng} if train else {}
-    rows = jnp.asarray(self.input_rope_rows())
+    counts = self.schedule if schedule is None else orders.check_schedule(schedule, self.num_tokens)
+    P = self.module.prefix
+    mask, query = None, None
+    if any(k != 1 for k in counts):
+      mask, query = orders.input_mask(counts, P), jnp.asarray(orders.query_slots(counts, P))
+    rows = self.input_rope_rows(order)
     return self.module.apply(
-      self._vars(params), label_B, tokens_BxN[:, :-1], rows, train=train, rngs=rngs
+      self._vars(params),
+      label_B,
+      tokens_BxN[:, :-1],
+      rows,
+      train=train,
+      mask=mask,
+      query=query,
+      rngs=rngs,
     )
 
-  def input_rope_rows(self) -> np.ndarray:
-    """RoPE rows of the teacher-forcing inputs: the prefix rows, then `prefix + order[:-1]`."""
+  def input_rope_rows(self, order=None):
+    """RoPE rows of the teacher-forcing inputs: the prefix rows, then `prefix + order[..., :-1]`
+    (`[N]`, or `[B, N]` for a per-example order)."""
     P = self.module.prefix
-    return np.concatenate([np.arange(P), P + self.order[:-1]]).astype(np.int32)
+    order = self._order() if order is None else jnp.asarray(order, jnp.int32)
+    pre = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), order.shape[:-1] + (P,))
+    return jnp.concatenate([pre, P + order[..., :-1]], axis=-1)
+
+  def _order(self, rng=None, batch: int = 1):
+    """The model's decoding order: `[N]` (raster, regions) or `[B, N]` drawn from `rng` (random)."""
+    if self.order is not None:
+      return jnp.asarray(self.order)
+    if rng is None:
+      raise ValueError("model.order='random' needs an rng to draw the orders from")
+    return orders.random_orders(rng, batch, self.num_tokens)
 
   def codes(self, params, batch) -> jax.Array:
     """Raster grid codes int32 `[B, N]` from `batch["tokens"]` or the frozen tokenizer."""
@@ -529,9 +571,18 @@ class RasterFamily(Family):
 
   def loss(self, params, batch, rng, train: bool):
     """Mean token CE of teacher forcing (official); metrics `loss`, `acc`."""
-    seq = self.codes(params, batch)[:, jnp.asarray(self.order)]
+    codes = self.codes(params, batch)
+    # A random order per example (RandAR) comes from its own stream of the loss rng; evaluation
+    # without an rng uses a fixed key, so the metric is deterministic.
+    order_rng = (
+      None
+      if self.order is not None
+      else jax.random.fold_in(jax.random.key(0) if rng is None else rng, 1)
+    )
+    order = self._order(order_rng, codes.shape[0])
+    seq = jnp.take_along_axis(codes, jnp.broadcast_to(order, codes.shape), axis=1)
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
-    logits = self.apply(params, label, seq, rng=rng, train=train)
+    logits = self.apply(params, label, seq, rng=rng, train=train, order=order)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, seq)
     acc = jnp.mean((jnp.argmax(logits, axis=-1) == seq).astype(jnp.float32))
     loss = jnp.mean(ce)
@@ -539,9 +590,10 @@ class RasterFamily(Family):
 
   # --- sampling ----------------------------------------------------------------------------------
 
-  def cache_length(self) -> int:
-    """Static KV cache length: prefix + N rounded up to a multiple of 8 (official)."""
-    return find_multiple(self.module.prefix + self.num_tokens, 8)
+  def cache_length(self, max_count: int = 1) -> int:
+    """Static KV cache length: prefix + N - 1 + the largest step's count, rounded up to a multiple
+    of 8 (official: prefix + N for one token per step)."""
+    return find_multiple(self.module.prefix + self.num_tokens - 1 + max_count, 8)
 
   def _sample_impl(
     self,
@@ -555,54 +607,88 @@ class RasterFamily(Family):
     top_p,
     known,
     known_mask,
+    order,
     *,
+    schedule: tuple[int, ...],
     return_logits: bool,
   ):
     self.trace_count += 1  # runs only while tracing
     mod, var = self.module, self._vars(params)
     B, N, P, V = labels.shape[0], self.num_tokens, mod.prefix, mod.vocab_size
-    order = jnp.asarray(self.order)
+    # Steps have different counts; each runs at the largest count K with the extra slots masked,
+    # so the whole decode is one `fori_loop` with static shapes (an unrolled Python loop over the
+    # schedule would compile S copies of the model). Extra fed slots sit at positions of later
+    # steps, which the block-causal mask hides and the next step overwrites.
+    K = max(schedule)
+    starts, counts = jnp.asarray(orders.step_starts(schedule)), jnp.asarray(schedule)
+    mask = orders.input_mask(schedule, P)
     labels = labels.astype(jnp.int32)
     labels_2B = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
-    caches = init_kv_caches(mod.n_layer, 2 * B, self.cache_length(), mod.kv_heads, mod.head_dim)
+    caches = init_kv_caches(mod.n_layer, 2 * B, self.cache_length(K), mod.kv_heads, mod.head_dim)
     use_cfg = cfg > 1.0  # official: the null half is used only for cfg_scale > 1
     inv_temp = 1.0 / jnp.maximum(temperature, 1e-5)
     top_p = jnp.where(top_p < 1.0, top_p, 0.0)  # official: top-p only below 1
+    pad = ((0, 0), (0, K))
+    order_2B = jnp.pad(jnp.concatenate([order, order]), pad)
+    known, known_mask = jnp.pad(known, pad), jnp.pad(known_mask, pad)
 
-    def pick(t, logits_2BxV):
-      cond, uncond = logits_2BxV[:B], logits_2BxV[B:]
-      guided = jnp.logical_and(use_cfg, cfg_active(t, cfg_interval))
+    def pick(a, k, logits_2BxKxV, seq, out_logits):
+      """Tokens `a .. a + k - 1` from their logits (rows past k keep what is there)."""
+      t = a + jnp.arange(K)
+      cond, uncond = logits_2BxKxV[:B], logits_2BxKxV[B:]
+      guided = jnp.logical_and(use_cfg, cfg_active(t, cfg_interval))[None, :, None]
       logits = jnp.where(guided, cfg_logits(cond, uncond, cfg), cond)
       filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
-      tok = jax.random.categorical(jax.random.fold_in(rng, t), filtered, axis=-1)
-      tok = jnp.where(known_mask[:, t], known[:, t], tok.astype(jnp.int32))
-      return tok, logits
-
-    h = mod.apply(var, labels_2B, method=RasterTransformer.embed_cond)
-    logits, caches = mod.apply(var, h, caches, 0, jnp.arange(P), method=RasterTransformer.step)
-    tok0, lg0 = pick(0, logits[:, -1])
-    seq = jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok0)
-    out_logits = jnp.zeros((B, N, V) if return_logits else (0,), jnp.float32)
-    if return_logits:
-      out_logits = out_logits.at[:, 0].set(lg0)
-
-    def body(t, carry):
-      seq, caches, out_logits = carry
-      prev = seq[:, t - 1]
-      h = mod.apply(var, jnp.concatenate([prev, prev])[:, None], method="embed_tokens")
-      rows = (P + order[t - 1])[None]
-      logits, caches = mod.apply(var, h, caches, P + t - 1, rows, method=RasterTransformer.step)
-      tok, lg = pick(t, logits[:, 0])
-      seq = seq.at[:, t].set(tok)
+      if K == 1:
+        tok = jax.random.categorical(jax.random.fold_in(rng, a), filtered[:, 0], axis=-1)[:, None]
+      else:  # one key per token, as in sequential decoding
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(t)
+        tok = jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
+          keys, filtered
+        )
+      win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
+      tok = jnp.where(win(known_mask), win(known), tok.astype(jnp.int32))
+      valid = jnp.arange(K)[None, :] < k
+      seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
       if return_logits:
-        out_logits = out_logits.at[:, t].set(lg)
-      return seq, caches, out_logits
+        lg = jnp.where(valid[..., None], logits, win(out_logits))
+        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
+      return seq, out_logits
 
-    seq, _, out_logits = jax.lax.fori_loop(1, N, body, (seq, caches, out_logits))
-    grid = jnp.zeros_like(seq).at[:, order].set(seq)  # decoding order -> raster grid
+    # Normed hidden states of every fed slot: token t is read at slot P + t - k_s (orders.py).
+    hbuf = jnp.zeros((2 * B, P + N + K, mod.dim), jnp.float32)
+    h = mod.apply(var, labels_2B, method=RasterTransformer.embed_cond)
+    hidden, caches = mod.apply(var, h, caches, 0, jnp.arange(P), mask, method="step")
+    hbuf = jax.lax.dynamic_update_slice_in_dim(hbuf, hidden.astype(hbuf.dtype), 0, axis=1)
+    seq = jnp.zeros((B, N + K), jnp.int32)
+    out_logits = jnp.zeros((B, N + K, V) if return_logits else (0,), jnp.float32)
+
+    def read(a, k, hbuf, seq, out_logits):
+      q = jax.lax.dynamic_slice_in_dim(hbuf, P + a - k, K, axis=1).astype(hidden.dtype)
+      return pick(a, k, mod.apply(var, q, method="logits"), seq, out_logits)
+
+    seq, out_logits = read(0, counts[0], hbuf, seq, out_logits)
+
+    def body(s, carry):
+      seq, caches, hbuf, out_logits = carry
+      a_fed, a = starts[s - 1], starts[s]
+      fed = jax.lax.dynamic_slice_in_dim(seq, a_fed, K, axis=1)  # step s-1's tokens
+      h = mod.apply(var, jnp.concatenate([fed, fed]), method="embed_tokens")
+      rows = P + jax.lax.dynamic_slice_in_dim(order_2B, a_fed, K, axis=1)
+      hidden, caches = mod.apply(var, h, caches, P + a_fed, rows, mask, method="step")
+      hbuf = jax.lax.dynamic_update_slice_in_dim(hbuf, hidden.astype(hbuf.dtype), P + a_fed, 1)
+      seq, out_logits = read(a, counts[s], hbuf, seq, out_logits)
+      return seq, caches, hbuf, out_logits
+
+    seq, _, _, out_logits = jax.lax.fori_loop(
+      1, len(schedule), body, (seq, caches, hbuf, out_logits)
+    )
+    seq = seq[:, :N]
+    # decoding order -> raster grid, per example
+    grid = jnp.zeros_like(seq).at[jnp.arange(B)[:, None], order].set(seq)
     img = self.tokenizer.decode_idx(params["tokenizer"], grid).astype(jnp.float32)
     img_u8 = images_to_uint8(img)
-    return img_u8, grid, (out_logits if return_logits else None)
+    return img_u8, grid, (out_logits[:, :N] if return_logits else None)
 
   def sample_tokens(
     self,
@@ -617,6 +703,8 @@ class RasterFamily(Family):
     top_p=1.0,
     known=None,
     known_mask=None,
+    order=None,
+    schedule=None,
     return_logits=False,
   ):
     """Samples images and their raster codes.
@@ -632,6 +720,11 @@ class RasterFamily(Family):
       top_p: nucleus threshold (< 1 enables it).
       known, known_mask: optional int `[B, N]` tokens and bool mask in DECODING order; masked
         slots are teacher-forced (completion/editing; tests use it to check the cache).
+      order: int `[N]` or `[B, N]` decoding order (a permutation of the grid positions per
+        example; traced: new values do not recompile). Default: the model's (`model.order`;
+        `random` draws one per example from `fold_in(rng, N)`).
+      schedule: tokens per step, a tuple of counts summing to N (static: one compilation per
+        schedule; see `sampling/orders.py`). Default: the model's (`model.schedule`).
       return_logits: also return the guided logits `[B, N, V]` (before temperature/filtering).
 
     Returns:
@@ -650,6 +743,12 @@ class RasterFamily(Family):
       raise ValueError(
         f"known / known_mask must be [B={B}, N={N}]; got {known.shape} / {known_mask.shape}"
       )
+    if order is None:
+      order = self._order(jax.random.fold_in(rng, N) if self.order is None else None, B)
+    order = jnp.asarray(order, jnp.int32)
+    if order.shape not in ((N,), (B, N)):
+      raise ValueError(f"order must be int [N={N}] or [B={B}, N={N}], got shape {order.shape}")
+    schedule = self.schedule if schedule is None else orders.check_schedule(schedule, N)
     return self._sample_jit(
       params,
       labels,
@@ -661,37 +760,14 @@ class RasterFamily(Family):
       jnp.float32(top_p),
       known,
       known_mask,
+      jnp.broadcast_to(order, (B, N)),
+      schedule=schedule,
       return_logits=bool(return_logits),
     )
 
-  def sample(
-    self,
-    params,
-    cond,
-    rng,
-    *,
-    cfg=2.0,
-    cfg_interval=-1,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    known=None,
-    known_mask=None,
-  ) -> jax.Array:
-    """uint8 NHWC images for int labels `cond [B]` (see `sample_tokens`)."""
-    images, _, _ = self.sample_tokens(
-      params,
-      cond,
-      rng,
-      cfg=cfg,
-      cfg_interval=cfg_interval,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      known=known,
-      known_mask=known_mask,
-    )
-    return images
+  def sample(self, params, cond, rng, **kw) -> jax.Array:
+    """uint8 NHWC images for int labels `cond [B]` (keywords: see `sample_tokens`)."""
+    return self.sample_tokens(params, cond, rng, **kw)[0]
 
 
 def build(config, tokenizer=None) -> RasterFamily:
