@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arvision import checkpoint as ckpt_lib
-from arvision import families
+from arvision import errors, families
 
 
 class Model:
@@ -25,8 +26,57 @@ class Model:
       self._jitted[key] = jax.jit(functools.partial(getattr(self.family, name), **kw))
     return self._jitted[key]
 
+  @property
+  def num_classes(self) -> int:
+    return int(getattr(self.family, "num_classes", self.config.data.num_classes))
+
+  def check_labels(self, labels) -> np.ndarray:
+    """int32 `[B]` labels, each in `[0, num_classes]` (`num_classes` = unconditional).
+
+    Checked on the host: inside jit an out-of-range index is clamped by the gather, which would
+    silently sample another class.
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+      raise errors.UserError(
+        f"labels must be a non-empty 1-D list of int class indices, got {arr.dtype} {arr.shape}"
+      )
+    bad = sorted({int(x) for x in arr if not 0 <= x <= self.num_classes})
+    if bad:
+      raise errors.UserError(
+        f"labels {bad} are out of range for this {self.num_classes}-class model; accepted: "
+        f"0..{self.num_classes - 1}, or {self.num_classes} for unconditional samples"
+      )
+    return arr.astype(np.int32)
+
+  def sample_options(self) -> list[str] | None:
+    """The keyword arguments `sample` accepts, read from the family's sampler signatures
+    (`sample`, then `sample_tokens` when `sample` forwards `**kw`); None when no signature
+    names them."""
+    names = set(self.family.sample_defaults())
+    for fn in (self.family.sample, getattr(self.family, "sample_tokens", None)):
+      if fn is None:
+        return None
+      params = list(inspect.signature(fn).parameters.values())
+      names |= {
+        p.name
+        for p in params[3:]  # after (params, labels, rng)
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+      }
+      if not any(p.kind == p.VAR_KEYWORD for p in params):
+        return sorted(names)
+    return None
+
   def sample(self, labels, rng=None, **kw) -> np.ndarray:
     """uint8 NHWC images for int `labels`; `kw` overrides the config's sampling settings."""
+    labels = self.check_labels(labels)
+    options = self.sample_options()
+    unknown = sorted(set(kw) - set(options)) if options is not None else []
+    if unknown:
+      raise errors.UserError(
+        f"sampling option(s) {unknown} are unknown to family {self.config.family!r}; accepted: "
+        f"{options}"
+      )
     rng = jax.random.key(0) if rng is None else rng
     if isinstance(rng, int):
       rng = jax.random.key(rng)
@@ -44,9 +94,13 @@ class Model:
 
 
 def load(path: str, use_ema: bool = True) -> Model:
-  """Loads the newest checkpoint of a workdir or of an `arvision convert` output dir."""
-  config = ckpt_lib.read_config(path)
+  """Loads the newest checkpoint of a workdir or of an `arvision convert` output dir.
+
+  A damaged newest step is moved aside and the newest step that restores is used (with a
+  warning; see `arvision.checkpoint`).
+  """
   loaded = ckpt_lib.load_params(path)
+  config = ckpt_lib.read_config(path, loaded["step"])
   params = loaded["ema"] if use_ema and "ema" in loaded else loaded["params"]
   params = {**params, **loaded.get("frozen", {})}
   tokenizer = families.build(config.tokenizer.config) if families.needs_tokenizer(config) else None

@@ -1,23 +1,38 @@
 """The Orbax layer: train state + data iterator + config, saved together, restored onto any mesh.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data, config}` (Orbax commits each step atomically; a
-half-written step is never picked up). `state` is `{"step", "params", "opt", "frozen", "ema"?}`.
-A params-only export (what `arvision convert` writes) is the same layout with
-`state = {"step", "params", "frozen"}` and no `data` item.
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config}` (Orbax commits each step atomically:
+it writes `<step>.orbax-checkpoint-tmp-*` and renames it, so a half-written step is never picked
+up). `state` is `{"step", "params", "opt", "frozen", "ema"?}`. A params-only export (what
+`arvision convert` writes) is the same layout with `state = {"step", "params", "frozen"}` and no
+`data` item.
+
+Atomic commits do not protect a committed step that was damaged later (a disk error, a copy or
+sync mistake). Every read here therefore goes through `restore_newest`: when the newest step does
+not restore but an older one does, the failing steps are moved aside to
+`<step>.damaged-<time>` (never deleted) with a one-line warning each, and the older step is used.
+When no step restores, nothing is moved (the cause is then more likely the code or the config
+than the files) and a `CheckpointError` lists what was tried. `verify` reads every step.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
-from arvision import config_util
+from arvision import config_util, errors
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED = ".damaged-"  # a step moved aside: `<step>.damaged-<UTC time>`
 
 
 def checkpoint_dir(path: str) -> str:
@@ -26,6 +41,103 @@ def checkpoint_dir(path: str) -> str:
   if os.path.basename(path.rstrip("/")) == CHECKPOINT_DIR:
     return path
   return os.path.join(path, CHECKPOINT_DIR)
+
+
+def committed_steps(path: str) -> list[int]:
+  """Ascending steps under `path` (a workdir or its checkpoints dir) that Orbax committed.
+
+  Uncommitted saves (`<step>.orbax-checkpoint-tmp-*`) and steps moved aside are not steps.
+  """
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(
+    int(d)
+    for d in os.listdir(directory)
+    if d.isdigit() and os.path.exists(os.path.join(directory, d, "state"))
+  )
+
+
+def _reason(exc: BaseException) -> str:
+  """One line saying why a step failed: the root cause (Orbax wraps TensorStore's error in a
+  long message about the array's spec; the cause says which file and what was wrong)."""
+  seen = {id(exc)}
+  while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    exc = inner
+  text = " ".join(str(exc).split())
+  text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def move_aside(path: str, step: int) -> str:
+  """Renames step `step` to `<step>.damaged-<UTC time>` next to it; returns the new path."""
+  directory = checkpoint_dir(path)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  dest = os.path.join(directory, f"{step}{DAMAGED}{stamp}")
+  n = 1
+  while os.path.exists(dest):  # two moves within a second
+    dest = os.path.join(directory, f"{step}{DAMAGED}{stamp}-{n}")
+    n += 1
+  os.rename(os.path.join(directory, str(step)), dest)
+  return dest
+
+
+def _no_checkpoint(path: str) -> errors.NotFound:
+  directory = checkpoint_dir(path)
+  if not os.path.exists(path):
+    what = f"{path!r} does not exist"
+  elif not os.path.isdir(directory):
+    what = f"{path!r} holds no arvision checkpoints (expected {directory}/<step>/)"
+  else:
+    aside = sorted(d for d in os.listdir(directory) if DAMAGED in d)
+    what = f"{directory} holds no complete checkpoint step" + (
+      f" (moved aside as damaged: {', '.join(aside)})" if aside else ""
+    )
+  return errors.NotFound(
+    f"{what}; pass the --workdir of a run (`arvision train --workdir`) or the --out dir of "
+    "`arvision convert`"
+  )
+
+
+def restore_newest(path: str, restore_step: Callable[[int], Any]) -> tuple[Any, int]:
+  """`(restore_step(step), step)` for the newest step of `path` that restores.
+
+  Steps newer than the one that restores are moved aside as damaged (see the module docstring);
+  when none restores, nothing is moved and a `CheckpointError` names every step tried and why.
+  """
+  steps = committed_steps(path)
+  if not steps:
+    raise _no_checkpoint(path)
+  directory = checkpoint_dir(path)
+  failed = []
+  for step in reversed(steps):
+    try:
+      out = restore_step(step)
+    except Exception as e:  # noqa: BLE001 -- a damaged file surfaces as many exception types
+      failed.append((step, _reason(e)))
+      logging.warning(
+        "checkpoint step %d in %s does not restore (%s); trying an older step",
+        step,
+        directory,
+        failed[-1][1],
+      )
+      continue
+    for bad, _ in failed:
+      logging.warning(
+        "moved damaged checkpoint step %d aside to %s (nothing deleted); using step %d, the "
+        "newest step that restores",
+        bad,
+        move_aside(directory, bad) if jax.process_index() == 0 else "<moved by process 0>",
+        step,
+      )
+    return out, step
+  tried = "; ".join(f"step {s}: {r}" for s, r in failed)
+  raise errors.CheckpointError(
+    f"no checkpoint step in {directory} restores ({tried}); nothing was moved or deleted. "
+    "Check that this arvision version wrote them, run `arvision verify --workdir`, or restore "
+    "the directory from a copy"
+  )
 
 
 class Checkpointer:
@@ -39,70 +151,137 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
       ),
     )
+    self._saved = None  # the newest step this process started saving
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _save_failed(self, step, e: OSError) -> errors.CheckpointError:
+    kept = [s for s in committed_steps(self.directory) if s != step]
+    hint = " Free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return errors.CheckpointError(
+      f"saving checkpoint step {step} to {self.directory} failed ({_reason(e)}); the newest "
+      f"complete step ({kept[-1] if kept else 'none'}) is kept.{hint} rerun the same command "
+      "to resume from it"
+    )
+
   def save(self, step: int, state, config, data_iter=None) -> None:
+    """Saves (asynchronously); an OSError (disk full, ...) becomes a `CheckpointError`."""
     items = dict(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(json.loads(config_util.to_json(config))),
     )
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except OSError as e:  # the previous async save may surface here too
+      raise self._save_failed(step, e) from e
+    self._saved = step
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
-    """Restores `state` onto the shardings of `abstract_state` (and the iterator in place)."""
-    step = self.latest_step() if step is None else step
+    """Restores `state` onto the shardings of `abstract_state` (and the iterator in place).
+
+    Without `step`: the newest step that restores (damaged newer steps are moved aside).
+    """
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return self.restore_newest(abstract_state, data_iter)[0]
+    return self._restore(step, abstract_state, data_iter)
+
+  def _restore(self, step: int, abstract_state, data_iter):
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def restore_newest(self, abstract_state, data_iter=None) -> tuple[Any, int]:
+    """`(state, step)` of the newest step that restores (see `restore_newest`)."""
+    try:
+      return restore_newest(
+        self.directory, lambda step: self._restore(step, abstract_state, data_iter)
+      )
+    finally:
+      self.manager.reload()  # forget steps moved aside (keep-N must not try to delete them)
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise self._save_failed(self._saved, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
-def _latest_step_dir(path: str) -> tuple[str, int]:
+def read_config(path: str, step: int | None = None):
+  """The config saved with `step` (default: the newest step whose config reads) under `path`."""
   directory = checkpoint_dir(path)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-      f"{path!r} holds no arvision checkpoints (expected {directory}/<step>/); train with "
-      f"`arvision train --workdir` or convert official weights with `arvision convert`"
-    )
-  steps = [
-    int(d)
-    for d in os.listdir(directory)
-    if d.isdigit() and os.path.exists(os.path.join(directory, d, "state"))
-  ]
+
+  def read(s):
+    with open(os.path.join(directory, str(s), "config", "metadata")) as f:
+      return config_util.from_json(f.read())
+
+  if step is not None:
+    return read(step)
+  steps = committed_steps(path)
   if not steps:
-    raise FileNotFoundError(f"{directory} holds no complete checkpoint step")
-  step = max(steps)
-  return os.path.join(directory, str(step)), step
+    raise _no_checkpoint(path)
+  for s in reversed(steps):
+    try:
+      return read(s)
+    except (OSError, ValueError) as e:
+      logging.warning("config of checkpoint step %d in %s does not read: %s", s, directory, e)
+  raise errors.CheckpointError(f"no checkpoint step in {directory} has a readable config")
 
 
-def read_config(path: str):
-  """The config saved with the newest checkpoint under `path` (a workdir or export dir)."""
-  step_dir, _ = _latest_step_dir(path)
-  with open(os.path.join(step_dir, "config", "metadata")) as f:
-    return config_util.from_json(f.read())
+def _read_state(directory: str, step: int):
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(directory, str(step), "state"))
 
 
 def load_params(path: str, keys=("params", "frozen", "ema")) -> dict:
-  """Host (numpy) copies of selected state entries of the newest checkpoint under `path`."""
-  step_dir, step = _latest_step_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(step_dir, "state"))
+  """Host copies of selected state entries of the newest step under `path` that restores."""
+  directory = checkpoint_dir(path)
+  state, step = restore_newest(path, lambda s: _read_state(directory, s))
   out = {k: state[k] for k in keys if k in state and state[k] is not None}
   out["step"] = step
-  return jax.tree.map(lambda x: x, out)
+  return out
+
+
+def verify(path: str) -> list[dict]:
+  """Reads every committed step under `path` (state arrays, config, data-iterator state).
+
+  Returns one dict per step, oldest first: `{"step", "ok", "arrays", "bytes", "error"}`, plus one
+  `{"step": None, "ok": None, "ignored": name}` per uncommitted or moved-aside directory.
+  Nothing is moved or changed.
+  """
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise _no_checkpoint(path)
+  report = []
+  for step in committed_steps(directory):
+    row = dict(step=step, ok=True, arrays=0, bytes=0, error="")
+    try:
+      leaves = jax.tree.leaves(_read_state(directory, step))
+      row["arrays"] = len(leaves)
+      row["bytes"] = int(sum(np.asarray(x).nbytes for x in leaves))  # reads every array
+      read_config(directory, step)
+      data_dir = os.path.join(directory, str(step), "data")
+      for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+        if name.endswith(".json"):
+          with open(os.path.join(data_dir, name)) as f:
+            json.load(f)
+    except Exception as e:  # noqa: BLE001 -- report every failure, whatever its type
+      row.update(ok=False, error=_reason(e))
+    report.append(row)
+  steps = {str(s) for s in committed_steps(directory)}
+  for name in sorted(os.listdir(directory)):
+    if name not in steps and os.path.isdir(os.path.join(directory, name)):
+      report.append(dict(step=None, ok=None, ignored=name))
+  return report
 
 
 def save_export(path: str, params, frozen, config, step: int = 0) -> None:

@@ -5,24 +5,33 @@
                     [--inception_weights pt_inception-2015-12-05-6726825d.pth] [--reference ref.npz]
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
     arvision tokenize --workdir runs/tok --out runs/tok_codes [--views center_flip]
+    arvision verify --workdir runs/var          # reads every checkpoint step; reports damaged ones
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
     arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/vq16
     arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
     arvision convert mar_vae kl16.ckpt --out runs/kl16
     arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
+
+Bad input (an unknown config field, a missing workdir, a label out of range, ...) prints one line,
+`arvision <cmd>: error: <what was wrong>; <what to do>`, and exits with status 2; `--verbose` (or
+ARVISION_DEBUG=1) shows the traceback too. Any other error is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "sample", "tokenize", "convert")
+from arvision import config_util, errors
+
+COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify")
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "path/to/config.py[:variant]", lock_config=True
@@ -57,13 +66,18 @@ _VIEWS = flags.DEFINE_enum(
 _VAE = flags.DEFINE_string(
   "vae", None, "convert var|llamagen|mar: the converted tokenizer dir or the official checkpoint"
 )
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "show the traceback of user errors too (also: ARVISION_DEBUG=1)"
+)
 
 
 def _parse_kw(text: str) -> dict:
   out = {}
   for part in filter(None, text.split(",")):
     if "=" not in part:
-      raise app.UsageError(f"--sample_kw entry {part!r} is not key=value")
+      raise errors.UserError(
+        f"--sample_kw entry {part!r} is not key=value; write e.g. --sample_kw cfg=2.0,top_k=100"
+      )
     k, v = part.split("=", 1)
     try:
       out[k] = ast.literal_eval(v)
@@ -74,17 +88,18 @@ def _parse_kw(text: str) -> dict:
 
 def _require(flag, name):
   if flag.value is None:
-    raise app.UsageError(f"--{name} is required")
+    raise errors.UserError(f"--{name} is required; see `arvision {_COMMAND} --help`")
   return flag.value
 
 
 def _train():
   from arvision.train import train
 
+  workdir = _require(_WORKDIR, "workdir")
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/var.py:fmnist")
-  train(config, _require(_WORKDIR, "workdir"))
+    raise errors.UserError("--config is required, e.g. --config configs/var.py:fmnist")
+  train(config, workdir)
 
 
 def _eval():
@@ -115,7 +130,12 @@ def _sample():
   from arvision import api, visualize
 
   model = api.load(_require(_WORKDIR, "workdir"))
-  labels = [int(x) for x in _LABELS.value.split(",")]
+  try:
+    labels = [int(x) for x in _LABELS.value.split(",")]
+  except ValueError:
+    raise errors.UserError(
+      f"--labels={_LABELS.value!r} is not a comma-separated list of class indices, e.g. 0,3,7"
+    ) from None
   labels = np.repeat(np.asarray(labels, np.int32), _PER_LABEL.value)
   images = model.sample(labels, jax.random.key(_SEED.value), **_parse_kw(_SAMPLE_KW.value))
   out = _OUT.value or "samples.png"
@@ -137,7 +157,10 @@ def _convert(argv):
   from arvision.convert import CONVERTERS
 
   if len(argv) != 3 or argv[1] not in CONVERTERS:
-    raise app.UsageError(f"usage: arvision convert {{{'|'.join(CONVERTERS)}}} PATH --out DIR")
+    raise errors.UserError(
+      f"expected `arvision convert {{{'|'.join(CONVERTERS)}}} PATH --out DIR`, got "
+      f"{' '.join(argv[1:]) or 'no arguments'}"
+    )
   module, fn = CONVERTERS[argv[1]].split(":")
   kw = {
     "var": lambda: {"vae": _require(_VAE, "vae")},
@@ -148,6 +171,35 @@ def _convert(argv):
   print(f"wrote {out}; load it with arvision.load({out!r})")
 
 
+def _verify():
+  from arvision import checkpoint
+
+  workdir = _require(_WORKDIR, "workdir")
+  dirs = [workdir] + [
+    os.path.join(workdir, sub)  # a generator's tokenizer stage lives in WORKDIR/tokenizer
+    for sub in ("tokenizer",)
+    if os.path.isdir(checkpoint.checkpoint_dir(os.path.join(workdir, sub)))
+  ]
+  damaged = 0
+  for path in dirs:
+    for row in checkpoint.verify(path):
+      where = checkpoint.checkpoint_dir(path)
+      if row["ok"] is None:
+        print(f"{where}/{row['ignored']}: ignored (not a committed step)")
+      elif row["ok"]:
+        print(f"{where}/{row['step']}: OK ({row['arrays']} arrays, {row['bytes'] / 1e6:.1f} MB)")
+      else:
+        damaged += 1
+        print(f"{where}/{row['step']}: DAMAGED: {row['error']}")
+  if damaged:
+    print(
+      f"{damaged} damaged step(s); `arvision train` resumes from the newest step that restores "
+      "and moves newer damaged ones aside",
+      file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 def main(argv):
   if _COMMAND in ("train", "eval", "sample", "tokenize"):
     from arvision.parallel import maybe_initialize_distributed
@@ -156,11 +208,103 @@ def main(argv):
     # before anything touches the devices.
     if maybe_initialize_distributed():
       logging.info("jax.distributed initialised")
-  if _COMMAND == "convert":
-    return _convert(argv)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  {"train": _train, "eval": _eval, "sample": _sample, "tokenize": _tokenize}[_COMMAND]()
+  try:
+    if _COMMAND == "convert":
+      return _convert(argv)
+    if len(argv) > 1:
+      raise errors.UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    commands = {
+      "train": _train,
+      "eval": _eval,
+      "sample": _sample,
+      "tokenize": _tokenize,
+      "verify": _verify,
+    }
+    commands[_COMMAND]()
+  except errors.UserError as e:
+    _fail(e)
+
+
+def _verbose(argv=None) -> bool:
+  if os.environ.get("ARVISION_DEBUG", "") not in ("", "0"):
+    return True
+  if argv is not None:  # before the flags are parsed
+    return any(a in ("--verbose", "-verbose", "--verbose=true", "--verbose=1") for a in argv)
+  return _VERBOSE.value
+
+
+def _fail(e: Exception, argv=None):
+  """A user error: one line on stderr, exit status 2 (with the traceback under --verbose)."""
+  if _verbose(argv):
+    traceback.print_exc()
+  msg = " ".join(str(e).split())
+  print(f"arvision {_COMMAND}: error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_args(argv):
+  """(index of the --config value or None, its spec, [(path, argv index) of --config.<path>])."""
+  at, spec, overrides = None, None, []
+  for i, a in enumerate(argv):
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      at, spec = i + 1, argv[i + 1]
+    elif a.startswith(("--config=", "-config=")):
+      at, spec = i, a.split("=", 1)[1]
+    elif a.startswith(("--config.", "-config.")):
+      overrides.append((a.split("config.", 1)[1].split("=", 1)[0], i))
+  return at, spec, overrides
+
+
+def _check_config(argv: list[str]) -> list[str]:
+  """Loads `--config` and checks every `--config.<field>` override before ml_collections does,
+  so that a missing file or a misspelt field is one line naming it (ml_collections raises a
+  traceback). A bare `name.py[:arg]` resolves inside the repo's `configs/`."""
+  at, spec, overrides = _config_args(argv)
+  if spec is None:
+    if overrides:
+      raise errors.UserError(
+        f"--config.{overrides[0][0]} given without --config; add --config path/to/config.py"
+      )
+    return argv
+  path, sep, arg = spec.partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(config_util.CONFIG_DIR, path)):
+    path = os.path.join(config_util.CONFIG_DIR, path)
+    argv = list(argv)
+    argv[at] = (argv[at].split("=", 1)[0] + "=" if "=" in argv[at] else "") + path + sep + arg
+  if not os.path.isfile(path):
+    shipped = sorted(f for f in os.listdir(config_util.CONFIG_DIR) if f.endswith(".py"))
+    raise errors.NotFound(
+      f"config file {path!r} does not exist (from --config {spec!r}); pass a config .py file "
+      f"with an optional :variant, e.g. configs/var.py:fmnist (shipped in "
+      f"{config_util.CONFIG_DIR}: {', '.join(shipped)})"
+    )
+  config = config_util.load_config_file(path + sep + arg)
+  for field, _ in overrides:
+    node, done = config, []
+    for key in field.split("."):
+      if not hasattr(node, "keys"):
+        raise errors.UserError(
+          f"--config.{field}: {'.'.join(done)} is a {type(node).__name__}, not a group of fields"
+        )
+      if key not in node:
+        where = ".".join(done) or "the top level"
+        near = difflib.get_close_matches(key, list(node.keys()), n=3)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise errors.UserError(
+          f"--config.{field}: {spec} has no field {'.'.join(done + [key])!r}; {hint}fields at "
+          f"{where}: {', '.join(sorted(node.keys()))}"
+        )
+      node, done = node[key], done + [key]
+  return argv
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with bad flags and configs reported as one line (exit status 2)."""
+  try:
+    argv = _check_config(argv)
+    return flags.FLAGS(argv)
+  except (errors.UserError, flags.Error) as e:
+    _fail(e, argv)
 
 
 _COMMAND = None
@@ -184,7 +328,7 @@ def run():
   _COMMAND = sys.argv[1]
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  app.run(main, argv=[f"arvision {_COMMAND}"] + sys.argv[2:])
+  app.run(main, argv=[f"arvision {_COMMAND}"] + sys.argv[2:], flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

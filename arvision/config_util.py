@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections as mlc
 
+from arvision import errors
+
 # Where `configs/` lives when arvision runs from a checkout (configs can name siblings).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -26,14 +28,14 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
       continue
     if "=" not in part:
       if "variant" not in defaults:
-        raise ValueError(
+        raise errors.UserError(
           f"config arg {part!r}: this config takes no variant; keys: {sorted(defaults)}"
         )
       out.variant = part
       continue
     key, val = part.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"config arg key {key!r} is unknown; accepted: {sorted(defaults)}")
+      raise errors.UserError(f"config arg key {key!r} is unknown; accepted: {sorted(defaults)}")
     typ = type(defaults[key])
     if typ is bool:
       out[key] = val.lower() in ("1", "true", "yes")
@@ -44,7 +46,7 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 
 def pick_variant(table: dict[str, Any], variant: str, what: str) -> Any:
   if variant not in table:
-    raise ValueError(f"{what} variant {variant!r} is unknown; accepted: {sorted(table)}")
+    raise errors.UserError(f"{what} variant {variant!r} is unknown; accepted: {sorted(table)}")
   return table[variant]
 
 
@@ -84,6 +86,9 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # folder: sources: an image that does not decode is "skip"ped (logged, listed in
+  # WORKDIR/skipped_images.txt) or an "error".
+  c.data.on_bad_image = "skip"
 
   c.optim = mlc.ConfigDict()
   c.optim.lr = 1e-3  # peak learning rate (after lr_scaling)
@@ -125,7 +130,7 @@ def load_config_file(spec: str) -> mlc.ConfigDict:
   if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path)):
     path = os.path.join(CONFIG_DIR, path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist (from --config {spec!r})")
+    raise errors.NotFound(f"config file {path!r} does not exist (from --config {spec!r})")
   name = "arvision_config_" + os.path.splitext(os.path.basename(path))[0]
   spec_ = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec_)

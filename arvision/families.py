@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from arvision import errors
 from arvision.family import Family
 
 FAMILIES = {
@@ -27,7 +28,7 @@ def build(config, tokenizer: Family | None = None) -> Family:
   except ModuleNotFoundError as e:
     if name in FAMILIES or e.name != name:
       raise
-    raise ValueError(
+    raise errors.UserError(
       f"config.family={name!r} is not a known family; accepted: {sorted(FAMILIES)} "
       "or an importable module path"
     ) from None

@@ -24,9 +24,10 @@ import optax
 from absl import logging
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, data, families, optim, parallel
+from arvision import config_util, data, errors, families, optim, parallel
 from arvision.family import Family
 from arvision.metrics_writer import MetricsWriter
+from arvision.workdir_lock import WorkdirLock
 
 # Fields that may change when a run resumes (everything else must match the saved config).
 RESUMABLE_FIELDS = (
@@ -44,8 +45,8 @@ RESUMABLE_FIELDS = (
 )
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """The loss became NaN/Inf: the run stops; the last good checkpoint is kept."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -59,7 +60,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(saved, config) -> None:
-  """A workdir belongs to one experiment: refuse to continue it with a different model or data."""
+  """A workdir belongs to one experiment: refuse to continue it with a different model or data.
+
+  A field absent from the saved config was added to arvision after the run started: the run
+  could not have set it, so it takes the current value (logged).
+  """
   a = {
     k: v for k, v in _flatten(saved.to_dict()).items() if k.split(".")[0] not in RESUMABLE_FIELDS
   }
@@ -68,11 +73,14 @@ def check_resumable(saved, config) -> None:
     for k, v in _flatten(json.loads(config_util.to_json(config))).items()
     if k.split(".")[0] not in RESUMABLE_FIELDS
   }
+  new = sorted(k for k in set(b) - set(a) if not any(k.startswith(p + ".") for p in a))
+  if new:
+    logging.info("config fields newer than the saved run: %s", {k: b[k] for k in new})
   norm = lambda v: list(v) if isinstance(v, tuple) else v
-  diff = sorted(k for k in set(a) | set(b) if norm(a.get(k)) != norm(b.get(k)))
+  diff = sorted(k for k in set(a) | set(b) if k not in new and norm(a.get(k)) != norm(b.get(k)))
   if diff:
     shown = ", ".join(f"{k}: saved {a.get(k)!r} vs now {b.get(k)!r}" for k in diff[:8])
-    raise ValueError(
+    raise errors.UserError(
       f"the workdir already holds a run with a different config ({shown}). Only "
       f"{RESUMABLE_FIELDS} may change on resume; use a new --workdir. Nothing was changed."
     )
@@ -109,8 +117,8 @@ def prepare_tokenizer(config, workdir: str):
   if not path:
     path = os.path.join(workdir, "tokenizer")
     train(config_util.from_json(config_util.to_json(tok_cfg.config)), path)
-  tok_config = ckpt_lib.read_config(path)
   loaded = ckpt_lib.load_params(path)
+  tok_config = ckpt_lib.read_config(path, loaded["step"])
   params = loaded.get("ema", loaded["params"])
   with config.unlocked():  # record the tokenizer that was really used
     config.tokenizer.config = tok_config
@@ -284,10 +292,19 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
 def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
   """Trains `config` in `workdir` up to `config.total_steps`; returns the final eval metrics.
 
+  Holds the workdir's lock (`workdir_lock.py`) while it runs: one writer per workdir.
+
   Args:
     stop_after: stop (with a checkpoint) after this many steps of this call, as on preemption.
   """
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:  # multi-host: process 0 holds the lock for the run
+    return _train(config, workdir, stop_after)
+  with WorkdirLock(workdir):
+    return _train(config, workdir, stop_after)
+
+
+def _train(config, workdir: str, stop_after: int | None) -> dict:
   cfg_path = os.path.join(workdir, "config.json")
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None and os.path.exists(cfg_path):
@@ -309,7 +326,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
   # --- Restore (onto this run's mesh and strategy, whatever the checkpoint was saved under) -----
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(setup.abstract_state, data_iter=train_iter)
+    # The newest step that restores; damaged newer steps are moved aside with a warning.
+    state, _ = ckpt.restore_newest(setup.abstract_state, data_iter=train_iter)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
   elif config.resume_from:
     other = ckpt_lib.Checkpointer(config.resume_from, keep=1)
@@ -377,6 +395,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
           drain()
           mean = {k: float(np.mean([m[k] for m in acc])) for k in acc[0]}
           mean["steps_per_s"] = len(acc) / max(time.time() - t0, 1e-9)
+          if jax.process_index() == 0 and (skipped := data.sources.write_skipped_images(workdir)):
+            mean["skipped_images"] = skipped  # folder: images that did not decode (listed)
           writer.write(done, mean, prefix="train/")
           bar.set_postfix(loss=f"{mean['loss']:.4f}")
           acc, t0 = [], time.time()

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from arvision import errors
+
 IDX_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_ENV = "ARVISION_FASHION_MNIST_DIR"
 DATA_DIR_ENV = "ARVISION_DATA_DIR"
@@ -59,7 +61,7 @@ def read_idx_split(split: str) -> tuple[np.ndarray, np.ndarray]:
   ]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise FileNotFoundError(
+    raise errors.NotFound(
       f"Fashion-MNIST IDX files not found: {missing}. Install them with "
       f"`sudo apt-get install -y dataset-fashion-mnist`, or set ${IDX_ENV} to a directory holding "
       "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, or use another config.data.source "

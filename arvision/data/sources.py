@@ -19,15 +19,20 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from arvision import errors
 from arvision.data import fashion_mnist
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EVAL_SPLIT_NAMES = ("test", "validation", "val")
+ON_BAD_IMAGE = ("skip", "error")  # config.data.on_bad_image
+SKIPPED_LIST = "skipped_images.txt"  # written to the workdir by `arvision train`
 
 
 class ArraySource:
@@ -67,9 +72,11 @@ class SyntheticSource:
 
   def __init__(self, split: str, image_size: int, channels: int, num_classes: int, seed: int = 0):
     if split not in self.SIZES:
-      raise ValueError(f"synthetic split {split!r} is unknown; accepted: {sorted(self.SIZES)}")
+      raise errors.UserError(
+        f"synthetic split {split!r} is unknown; accepted: {sorted(self.SIZES)}"
+      )
     if image_size < 1 or channels < 1 or num_classes < 1:
-      raise ValueError(
+      raise errors.UserError(
         f"synthetic source needs image_size, channels, num_classes >= 1; got "
         f"{image_size}, {channels}, {num_classes}"
       )
@@ -150,27 +157,27 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises several types (DatasetNotFoundError, ValueError, ...)
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # TFDS appends a long list
-      raise FileNotFoundError(
+      raise errors.NotFound(
         f"config.data.source='tfds:{name}': cannot open it ({first}). {hint}"
       ) from e
     if not builder.is_prepared():
-      raise FileNotFoundError(
+      raise errors.NotFound(
         f"config.data.source='tfds:{name}': not prepared under {builder.data_dir}. {hint}"
       )
     splits = sorted(builder.info.splits.keys())
     if split.split("[")[0] not in splits:
-      raise ValueError(f"tfds:{name} split {split!r} is unknown; accepted: {splits}")
+      raise errors.UserError(f"tfds:{name} split {split!r} is unknown; accepted: {splits}")
     try:
       self._source = builder.as_data_source(split)
     except Exception as e:
-      raise ValueError(
+      raise errors.UserError(
         f"config.data.source='tfds:{name}': cannot open split {split!r} as a random-access source "
         f"({e}); it must be prepared with --file_format=array_record. {hint}"
       ) from e
     features = builder.info.features
     keys = sorted(features.keys()) if hasattr(features, "keys") else []
     if "image" not in keys or "label" not in keys:
-      raise ValueError(f"tfds:{name}: needs features 'image' and 'label'; it has {keys}")
+      raise errors.UserError(f"tfds:{name}: needs features 'image' and 'label'; it has {keys}")
     self.num_classes = getattr(features["label"], "num_classes", None)
     self._dir = os.fspath(builder.data_dir)
 
@@ -196,31 +203,51 @@ class FolderSource:
   every 20th file (index 19, 39, ...) is held out, so about 95% go to `train` and 5% to
   `test`/`validation`/`val`. Files with extensions in `IMAGE_EXTENSIONS` (any case) count; images
   are converted to `L` (channels=1) or `RGB` (channels=3) with Pillow.
+
+  Faults: with `on_bad_image="skip"` an image that does not decode (unreadable, truncated, not an
+  image) is replaced by the next one that does (deterministic, so resumed runs see the same
+  batches), logged with a running count and recorded for `skipped_images()` (the loop writes the
+  list to `WORKDIR/skipped_images.txt`); with `"error"` it raises a `UserError` naming the file.
+  With per-split folders, the class folders of `other_splits` (e.g. train vs eval) must match:
+  labels are indices into the sorted folder names, so a missing folder would shift them.
   """
 
-  def __init__(self, root: str, split: str, channels: int):
+  def __init__(
+    self,
+    root: str,
+    split: str,
+    channels: int,
+    on_bad_image: str = "skip",
+    other_splits: tuple[str, ...] = (),
+  ):
     if channels not in (1, 3):
-      raise ValueError(
+      raise errors.UserError(
         f"config.data.channels={channels} is not supported by folder:; accepted: 1, 3"
       )
+    if on_bad_image not in ON_BAD_IMAGE:
+      raise errors.UserError(
+        f"config.data.on_bad_image={on_bad_image!r} is unknown; accepted: {list(ON_BAD_IMAGE)}"
+      )
+    self.on_bad_image = on_bad_image
     self.root, self.split, self.channels = (
       os.path.abspath(os.path.expanduser(root)),
       split,
       channels,
     )
     if not os.path.isdir(self.root):
-      raise FileNotFoundError(
+      raise errors.NotFound(
         f"config.data.source='folder:{root}': directory {self.root} does not exist; expected "
         "<path>/<split>/<class>/*.png|jpg|... or <path>/<class>/*.png|jpg|..."
       )
     split_dir = os.path.join(self.root, split)
     if os.path.isdir(split_dir):
       self.classes = _subdirs(split_dir)
+      _check_same_classes(root, self.root, split, self.classes, other_splits)
       files = [(c, f) for c in self.classes for f in _images(os.path.join(split_dir, c))]
       self._base = split_dir
     else:
       if split != "train" and split not in EVAL_SPLIT_NAMES:
-        raise ValueError(
+        raise errors.UserError(
           f"folder:{root} has no {split!r} subfolder; without one, accepted splits are "
           f"'train' and {list(EVAL_SPLIT_NAMES)} (a deterministic 95/5 split)"
         )
@@ -234,9 +261,9 @@ class FolderSource:
       ]
       self._base = self.root
     if not self.classes:
-      raise FileNotFoundError(f"folder:{root}: no class subfolders in {self._base}")
+      raise errors.NotFound(f"folder:{root}: no class subfolders in {self._base}")
     if not files:
-      raise FileNotFoundError(
+      raise errors.NotFound(
         f"folder:{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r} under "
         f"{self._base}/<class>/"
       )
@@ -248,21 +275,85 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self._paths)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def _read(self, index: int) -> np.ndarray:
     from PIL import Image
 
-    path = self._paths[int(index)]
-    with Image.open(path) as im:
-      image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-    if image.ndim == 2:
-      image = image[..., None]
-    return {"image": image, "label": int(self._labels[int(index)])}
+    with Image.open(self._paths[index]) as im:
+      image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))  # decodes it all
+    return image[..., None] if image.ndim == 2 else image
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    for j in range(index, index + len(self)):
+      j %= len(self)
+      try:
+        return {"image": self._read(j), "label": int(self._labels[j])}
+      except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for a bad file
+        path, reason = self._paths[j], " ".join(f"{type(e).__name__}: {e}".split())
+        if self.on_bad_image == "error":
+          raise errors.UserError(
+            f"folder:{self.root}: cannot decode {path} ({reason}); remove or replace it, or set "
+            "config.data.on_bad_image='skip' to skip unreadable images"
+          ) from e
+        _record_skipped(path, reason)
+    raise errors.UserError(f"folder:{self.root}: no image of split {self.split!r} decodes")
 
   def __repr__(self) -> str:
     return (
       f"FolderSource(root={self.root!r}, split={self.split!r}, channels={self.channels}, "
       f"n={len(self)}, classes={len(self.classes)})"
     )
+
+
+_SKIPPED: dict[str, str] = {}  # path -> why, for every FolderSource of this process
+_SKIPPED_LOCK = threading.Lock()  # grain reads with several threads
+
+
+def _record_skipped(path: str, reason: str) -> None:
+  with _SKIPPED_LOCK:
+    if path in _SKIPPED:
+      return
+    _SKIPPED[path] = reason
+    n = len(_SKIPPED)
+  logging.warning(
+    "skipped unreadable image %s (%s); %d skipped so far (listed in WORKDIR/%s; set "
+    "config.data.on_bad_image='error' to stop instead)",
+    path,
+    reason,
+    n,
+    SKIPPED_LIST,
+  )
+
+
+def skipped_images() -> dict[str, str]:
+  """Images that `folder:` sources of this process skipped so far: path -> why."""
+  with _SKIPPED_LOCK:
+    return dict(_SKIPPED)
+
+
+def write_skipped_images(workdir: str) -> int:
+  """Writes `WORKDIR/skipped_images.txt` (path TAB why) when images were skipped; their count."""
+  skipped = skipped_images()
+  if skipped:
+    with open(os.path.join(workdir, SKIPPED_LIST), "w") as f:
+      f.writelines(f"{p}\t{r}\n" for p, r in sorted(skipped.items()))
+  return len(skipped)
+
+
+def _check_same_classes(arg, root, split, classes, other_splits) -> None:
+  for other in other_splits:
+    other_dir = os.path.join(root, other)
+    if other == split or not os.path.isdir(other_dir):
+      continue
+    theirs = _subdirs(other_dir)
+    if theirs != classes:
+      only_a = sorted(set(classes) - set(theirs))
+      only_b = sorted(set(theirs) - set(classes))
+      raise errors.UserError(
+        f"folder:{arg}: the class folders of splits {split!r} and {other!r} differ (only in "
+        f"{split}: {only_a}; only in {other}: {only_b}); labels are the sorted folder names, so "
+        "both splits need the same folders (an empty folder is fine)"
+      )
 
 
 def _subdirs(path: str) -> list[str]:
@@ -318,7 +409,13 @@ def _tfds(arg: str, data_config, split: str) -> TfdsSource:
 
 
 def _folder(arg: str, data_config, split: str) -> FolderSource:
-  return FolderSource(arg, split, data_config.channels)
+  return FolderSource(
+    arg,
+    split,
+    data_config.channels,
+    on_bad_image=data_config.get("on_bad_image", "skip"),  # configs saved before the field
+    other_splits=(data_config.get("train_split", "train"), data_config.get("eval_split", "test")),
+  )
 
 
 register_source("fashion_mnist", _fashion_mnist, False, "fashion_mnist")
@@ -346,10 +443,10 @@ def get_source(data_config, split: str):
   name, sep, arg = spec.partition(":")
   accepted = ", ".join(s.usage for s in SOURCES.values())
   if name not in SOURCES:
-    raise ValueError(f"config.data.source={spec!r} is unknown; accepted: {accepted}")
+    raise errors.UserError(f"config.data.source={spec!r} is unknown; accepted: {accepted}")
   entry = SOURCES[name]
   if entry.takes_arg and not arg:
-    raise ValueError(f"config.data.source={spec!r} needs an argument: {entry.usage}")
+    raise errors.UserError(f"config.data.source={spec!r} needs an argument: {entry.usage}")
   if not entry.takes_arg and sep:
-    raise ValueError(f"config.data.source={spec!r} takes no argument; write {entry.usage!r}")
+    raise errors.UserError(f"config.data.source={spec!r} takes no argument; write {entry.usage!r}")
   return entry.factory(arg, data_config, split)
