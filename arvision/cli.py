@@ -61,7 +61,7 @@ _VIEWS = flags.DEFINE_enum(
   "views",
   "center_flip",
   ["center", "center_flip", "five_crop_flip"],
-  "tokenize: augmented views per image (see arvision/data/tokens.py)",
+  "tokenize: augmented views per image (see arvision/pretokenize.py)",
 )
 _VAE = flags.DEFINE_string(
   "vae", None, "convert var|llamagen|mar: the converted tokenizer dir or the official checkpoint"
@@ -103,12 +103,13 @@ def _train():
 
 
 def _eval():
-  from arvision import api, evaluator
+  from arvision import api
+  from arvision.evaluation import evaluate
 
   workdir = _require(_WORKDIR, "workdir")
   model = api.load(workdir)
   out = _OUT.value or os.path.join(workdir, "eval")
-  metrics = evaluator.run(
+  metrics = evaluate.run(
     model.family,
     model.params,
     model.config,
@@ -144,10 +145,10 @@ def _sample():
 
 
 def _tokenize():
-  from arvision.data import tokens
+  from arvision import pretokenize
 
   out = _require(_OUT, "out")
-  meta = tokens.tokenize(_require(_WORKDIR, "workdir"), out, views=_VIEWS.value)
+  meta = pretokenize.tokenize(_require(_WORKDIR, "workdir"), out, views=_VIEWS.value)
   print(f"wrote {meta['splits']} to {out}; train on it with --config.data.source=tokens:{out}")
 
 

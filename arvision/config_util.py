@@ -86,6 +86,10 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # Offline domain metrics (arvision/evaluation/domain_classifiers.py): "auto" = the shipped
+  # classifier trained on this source/size/channels if any (Fashion-MNIST 32x32x1: "fmnist"),
+  # a shipped classifier's name, or "" for none.
+  c.data.domain_metrics = "auto"
   # folder: sources: an image that does not decode is "skip"ped (logged, listed in
   # WORKDIR/skipped_images.txt) or an "error".
   c.data.on_bad_image = "skip"
@@ -113,6 +117,9 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.sharding = mlc.ConfigDict(dict(strategy="dp"))
 
   c.eval = mlc.ConfigDict()
+  # "" = the evaluator of the family's kind (generator | tokenizer | classifier), or a name in
+  # arvision.evaluation.evaluate.EVALUATORS, or the dotted path of a module with `Evaluator`.
+  c.eval.evaluator = ""
   c.eval.num_batches = 4  # held-out loss batches
   c.eval.num_samples = 100  # generated samples (generators) / reconstructed images (tokenizers)
   c.eval.batch_size = 100

@@ -9,7 +9,7 @@ from arvision.family import Family
 
 FAMILIES = {
   "tokenizer": "arvision.tokenizers.family",
-  "classifier": "arvision.evaluation.classifier",
+  "classifier": "arvision.models.classifier",
   "var": "arvision.models.var",
   "mar": "arvision.models.mar",
   "raster": "arvision.models.raster",

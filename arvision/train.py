@@ -342,7 +342,7 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
   p_step = setup.step
 
   # --- Loop -------------------------------------------------------------------------------------
-  from arvision import evaluator  # late: evaluation imports the loop for its domain classifier
+  from arvision.evaluation import evaluate
 
   start = int(state["step"])
   total = config.total_steps
@@ -403,7 +403,7 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
         if config.checkpoint_every and done % config.checkpoint_every == 0:
           save(done)
         if config.eval_every and done % config.eval_every == 0 and done != total:
-          evaluator.run(family, _eval_params(state), config, workdir, step=done, writer=writer)
+          evaluate.run(family, _eval_params(state), config, workdir, step=done, writer=writer)
         stopping = preempt.requested or (stop_after is not None and done - start >= stop_after)
         if stopping:
           save(done)
@@ -418,7 +418,7 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
     ckpt.close()
     writer.flush()
   if last_good is not None and start < total:
-    eval_metrics = evaluator.run(
+    eval_metrics = evaluate.run(
       family, _eval_params(state), config, workdir, step=total, writer=writer
     )
   writer.close()

@@ -4,7 +4,7 @@
     python experiments/eval_speed.py --config var.py:d16 --num_samples 1000 --inception_images 2000
 
 Rows (each timed after a warm-up call that compiles, so compile time is reported separately):
-- `sampling`: `arvision.evaluator.generate` (the batch axis sharded over all local devices, as
+- `sampling`: `arvision.evaluation.generator.generate` (the batch axis sharded over all local devices, as
   `arvision eval` runs it) with the config's default sampling settings, params randomly
   initialised: sampling cost does not depend on the weights' values.
 - `inception`: `arvision.evaluation.inception.inception_features` (TF-1 resize to 299 + the FID
@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arvision import config_util, data, evaluator, families, parallel  # noqa: E402
+from arvision import config_util, data, families, parallel  # noqa: E402
+from arvision.evaluation import domain_classifiers, generator  # noqa: E402
 from arvision.evaluation import inception as inc  # noqa: E402
 from arvision.evaluation import metrics as em  # noqa: E402
 from arvision.evaluation.domain import DomainMetrics  # noqa: E402
@@ -86,9 +87,9 @@ def main():
   family, params = build_generator(config)
   mesh = parallel.make_mesh(config.mesh)
   kw = family.sample_defaults()
-  labels = evaluator.balanced_labels(args.num_samples, dc.num_classes)
-  _, t_first = timed(evaluator.generate, family, params, labels[:batch], batch, mesh=mesh, **kw)
-  images, t = timed(evaluator.generate, family, params, labels, batch, seed=1, mesh=mesh, **kw)
+  labels = generator.balanced_labels(args.num_samples, dc.num_classes)
+  _, t_first = timed(generator.generate, family, params, labels[:batch], batch, mesh=mesh, **kw)
+  images, t = timed(generator.generate, family, params, labels, batch, seed=1, mesh=mesh, **kw)
   rows.append(
     dict(
       stage="sampling",
@@ -126,7 +127,7 @@ def main():
   )
 
   # Domain classifier features (Fashion-MNIST shape).
-  cls_family, cls_params, _ = evaluator.domain_classifier()
+  cls_family, cls_params, _ = domain_classifiers.load("fmnist")
   dom = rs.randint(0, 256, (args.domain_images, 32, 32, 1), dtype=np.uint8)
   t0 = time.perf_counter()
   dm = DomainMetrics(cls_family, cls_params, dom[:500])  # compiles; real set = 500 random images
@@ -148,7 +149,7 @@ def main():
   pool = rs.randn(args.num_samples, inc.POOL_DIM)
   ref = em.feature_stats(rs.randn(args.num_samples + 7, inc.POOL_DIM))
   full, t_full = timed(lambda: em.frechet_distance(*em.feature_stats(pool), *ref))
-  fast, t_fast = timed(evaluator.frechet_distance_to_stats, pool, *ref)
+  fast, t_fast = timed(em.frechet_distance_to_stats, pool, *ref)
   rows.append(
     dict(
       stage="fid_2048",

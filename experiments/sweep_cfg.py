@@ -18,7 +18,8 @@ import platform
 
 import jax
 
-from arvision import api, evaluator
+from arvision import api
+from arvision.evaluation import domain_classifiers, generator
 
 
 def main():
@@ -31,8 +32,8 @@ def main():
   ap.add_argument("--out", default="experiments/results/sweep_cfg_quickstart.json")
   args = ap.parse_args()
   model = api.load(args.workdir)
-  dm = evaluator.domain_metrics_for(model.config)
-  labels = evaluator.balanced_labels(args.num_samples, model.config.data.num_classes)
+  dm = domain_classifiers.domain_metrics_for(model.config)
+  labels = generator.balanced_labels(args.num_samples, model.config.data.num_classes)
   axes = []
   for item in args.grid or ["cfg=0,1,2,3,4"]:
     key, _, values = item.partition("=")
@@ -40,7 +41,7 @@ def main():
   rows = []
   for combo in itertools.product(*axes):
     kw = dict(model.family.sample_defaults(), **dict(combo))
-    images = evaluator.generate(
+    images = generator.generate(
       model.family, model.params, labels, model.config.eval.batch_size, seed=0, **kw
     )
     m = dm.evaluate(images, labels)

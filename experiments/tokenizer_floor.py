@@ -17,8 +17,9 @@ import platform
 import jax
 import numpy as np
 
-from arvision import api, data, evaluator, visualize
+from arvision import api, data, visualize
 from arvision.data import transforms
+from arvision.evaluation import domain_classifiers
 
 KEYS = ("fd_fmnist", "class_accuracy", "precision_fmnist", "recall_fmnist")
 
@@ -32,7 +33,7 @@ def main():
   args = ap.parse_args()
   model = api.load(args.workdir)
   config = model.config
-  dm = evaluator.domain_metrics_for(config)
+  dm = domain_classifiers.domain_metrics_for(config)
   if dm is None:
     raise SystemExit(f"{args.workdir}: domain metrics exist only for Fashion-MNIST 32px data")
   images, labels = data.load_images(config.data, "train", args.num_images)

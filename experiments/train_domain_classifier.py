@@ -3,8 +3,8 @@
     python experiments/train_domain_classifier.py [--workdir runs/classifier]
 
 Writes `arvision/evaluation/data/classifier_fmnist.npz` (params + the sha of the config that trained
-them; `arvision.evaluator.domain_classifier` uses it only while `configs/classifier.py:fmnist` is
-unchanged, and otherwise retrains and caches) and `experiments/results/domain_classifier.json`
+them; `arvision.evaluation.domain_classifiers.load` uses it only while `configs/classifier.py:fmnist`
+is unchanged; evaluation never trains it) and `experiments/results/domain_classifier.json`
 (test accuracy and the real-data floor of the domain metrics: train split vs test split).
 """
 
@@ -16,8 +16,10 @@ import jax
 import numpy as np
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, data, evaluator, families
+from arvision import config_util, data, families
 from arvision.convert.common import flatten
+from arvision.evaluation import classifier as classifier_eval
+from arvision.evaluation import domain_classifiers
 from arvision.train import train
 
 
@@ -30,17 +32,18 @@ def main():
     help="sizes of the train subsets scored against the test split (FD is biased at small N)",
   )
   args = ap.parse_args()
-  config = config_util.load_config_file(evaluator.DOMAIN_CLASSIFIER)
+  shipped = domain_classifiers.SHIPPED["fmnist"]
+  config = config_util.load_config_file(shipped.config)
   metrics = train(config, args.workdir) or {}
   loaded = ckpt_lib.load_params(args.workdir)
   params = loaded.get("ema", loaded["params"])
   np.savez_compressed(
-    evaluator.PACKAGED_CLASSIFIER,
-    __config_sha__=evaluator.config_sha(config),
+    shipped.weights,
+    __config_sha__=domain_classifiers.config_sha(config),
     **{k: np.asarray(v) for k, v in flatten(params).items()},
   )
   family = families.build(config)
-  accuracy = evaluator.eval_classifier(family, params, config)["accuracy"]
+  accuracy = classifier_eval.accuracy(family, params, config)
 
   # The floor: real train images scored against the real test split, as generated samples are.
   from arvision.evaluation.domain import DomainMetrics

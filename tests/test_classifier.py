@@ -12,7 +12,8 @@ import pytest
 
 from arvision import families, optim
 from arvision.config_util import load_config_file
-from arvision.evaluation import classifier, domain
+from arvision.evaluation import domain
+from arvision.models import classifier
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""`arvision eval`'s function (`evaluator.run`) with Inception metrics, and sharded sampling.
+"""`arvision eval`'s function (`evaluation.evaluate.run`) with Inception metrics, and sharded sampling.
 
 The FID Inception weights cannot be downloaded here: the tests use random weights of the right
 shapes saved with `inception.save_converted`, so the numbers check the plumbing (which features are
@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arvision import config_util, data, evaluator, parallel
+from arvision import config_util, data, parallel
+from arvision.evaluation import domain_classifiers, evaluate, fid, npz
+from arvision.evaluation import generator as gen_eval
 from arvision.evaluation import inception as inc
 from arvision.evaluation import metrics as em
-from arvision.evaluation import npz
 from arvision.family import Family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,8 +100,8 @@ def generator():
 
 def _samples(family, params, config):
   """What `run` generates for `config` (same labels, seed and mesh)."""
-  labels = evaluator.balanced_labels(config.eval.num_samples, config.data.num_classes)
-  return evaluator.generate(
+  labels = gen_eval.balanced_labels(config.eval.num_samples, config.data.num_classes)
+  return gen_eval.generate(
     family,
     params,
     labels,
@@ -126,7 +127,7 @@ def test_fid_sfid_is_pr_against_adm_reference(generator, weights_path, tmp_path)
     same, *em.feature_stats(feats["pool"]), *em.feature_stats(feats["spatial"]), arr_0=images
   )
   out = str(tmp_path / "eval_same")
-  m = evaluator.run(
+  m = evaluate.run(
     family,
     params,
     config,
@@ -160,7 +161,7 @@ def test_fid_sfid_is_pr_against_adm_reference(generator, weights_path, tmp_path)
   f2 = inc.inception_features(other_imgs, weights_path, batch_size=8)
   other = str(tmp_path / "other.npz")
   npz.save_reference_stats(other, *em.feature_stats(f2["pool"]), arr_0=other_imgs)
-  m2 = evaluator.run(
+  m2 = evaluate.run(
     family,
     params,
     config,
@@ -171,7 +172,7 @@ def test_fid_sfid_is_pr_against_adm_reference(generator, weights_path, tmp_path)
     reference=other,
   )
   assert m2["fid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(feats["pool"], *em.feature_stats(f2["pool"])), rel=1e-6
+    em.frechet_distance_to_stats(feats["pool"], *em.feature_stats(f2["pool"])), rel=1e-6
   )
   assert m2["fid"] > 100 * max(abs(m["fid"]), 1e-3)
   p, r = em.precision_recall(f2["pool"], feats["pool"], k=3)
@@ -185,11 +186,11 @@ def test_frechet_distance_to_stats_matches_metrics(n):
   x = rs.randn(n, d) @ rs.randn(d, d) * 0.3 + 1.0
   y = rs.randn(70, d) * 2.0 + rs.randn(d)
   want = em.frechet_distance(*em.feature_stats(x), *em.feature_stats(y))
-  got = evaluator.frechet_distance_to_stats(x, *em.feature_stats(y))
+  got = em.frechet_distance_to_stats(x, *em.feature_stats(y))
   assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
-  assert abs(evaluator.frechet_distance_to_stats(x, *em.feature_stats(x))) < 1e-8 * np.sum(x * x)
+  assert abs(em.frechet_distance_to_stats(x, *em.feature_stats(x))) < 1e-8 * np.sum(x * x)
   with pytest.raises(ValueError, match=r"accepted: \[64\] and \[64, 64\]"):
-    evaluator.frechet_distance_to_stats(x[:8], np.zeros(3), np.eye(3))
+    em.frechet_distance_to_stats(x[:8], np.zeros(3), np.eye(3))
 
 
 def test_missing_reference_keys_fail_before_sampling(generator, weights_path, tmp_path):
@@ -198,7 +199,7 @@ def test_missing_reference_keys_fail_before_sampling(generator, weights_path, tm
   np.savez(bad, mu=np.zeros(inc.POOL_DIM))
   out = str(tmp_path / "eval")
   with pytest.raises(KeyError, match=r"missing reference key\(s\) \['sigma'\]"):
-    evaluator.run(
+    evaluate.run(
       family,
       params,
       config,
@@ -212,7 +213,7 @@ def test_missing_reference_keys_fail_before_sampling(generator, weights_path, tm
   wrong = str(tmp_path / "wrong.npz")
   npz.save_reference_stats(wrong, np.zeros(64), np.eye(64))
   with pytest.raises(ValueError, match=r"'mu' has shape \(64,\)"):
-    evaluator.run(
+    evaluate.run(
       family,
       params,
       config,
@@ -227,7 +228,7 @@ def test_missing_reference_keys_fail_before_sampling(generator, weights_path, tm
 def test_weights_errors_and_no_weights(generator, tmp_path):
   family, params, config = generator
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
-    evaluator.run(
+    evaluate.run(
       family,
       params,
       config,
@@ -239,12 +240,12 @@ def test_weights_errors_and_no_weights(generator, tmp_path):
   ref = str(tmp_path / "ref.npz")
   npz.save_reference_stats(ref, np.zeros(inc.POOL_DIM), np.eye(inc.POOL_DIM))
   with pytest.raises(ValueError, match="inception_weights"):
-    evaluator.run(
+    evaluate.run(
       family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"), reference=ref
     )
   # No weights (the config default ""): no Inception metrics and no error.
   out = str(tmp_path / "c")
-  m = evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=out)
+  m = evaluate.run(family, params, config, str(tmp_path), step=0, out_dir=out)
   assert not {"fid", "sfid", "is", "precision"} & set(m) and "heldout_mse" in m
   assert "inception" not in _read(out) and os.path.exists(os.path.join(out, "samples.npz"))
 
@@ -253,9 +254,9 @@ def test_eval_split_reference_is_computed_once_and_cached(
   generator, weights_path, tmp_path, monkeypatch
 ):
   family, params, _ = generator
-  monkeypatch.setattr(evaluator, "REFERENCE_MAX_IMAGES", 12)
+  monkeypatch.setattr(fid, "REFERENCE_MAX_IMAGES", 12)
   config = _config(**{"eval.inception_weights": weights_path})  # the config field works too
-  m = evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "a"))
+  m = evaluate.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "a"))
   rec = _read(str(tmp_path / "a"))["inception"]
   assert rec["reference_images"] == 12 and os.path.exists(rec["reference_cache"])
   assert rec["reference_cache"].startswith(str(tmp_path / "cache"))
@@ -263,10 +264,10 @@ def test_eval_split_reference_is_computed_once_and_cached(
   f_real = inc.inception_features(real, weights_path, batch_size=8)
   f_fake = inc.inception_features(_samples(family, params, config), weights_path, batch_size=8)
   assert m["fid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(f_fake["pool"], *em.feature_stats(f_real["pool"])), rel=1e-6
+    em.frechet_distance_to_stats(f_fake["pool"], *em.feature_stats(f_real["pool"])), rel=1e-6
   )
   assert m["sfid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(f_fake["spatial"], *em.feature_stats(f_real["spatial"])),
+    em.frechet_distance_to_stats(f_fake["spatial"], *em.feature_stats(f_real["spatial"])),
     rel=1e-6,
   )
   p, r = em.precision_recall(f_real["pool"], f_fake["pool"], k=3)
@@ -276,13 +277,13 @@ def test_eval_split_reference_is_computed_once_and_cached(
     raise AssertionError("the cached reference statistics were recomputed")
 
   monkeypatch.setattr(data, "load_images", no_reload)
-  m2 = evaluator.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"))
+  m2 = evaluate.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "b"))
   assert m2["fid"] == m["fid"]
   # Other weights -> another fingerprint -> another cache entry (stale stats are never reused).
   inc.save_converted(inc.random_variables(1), str(tmp_path / "w1.npz"))
   monkeypatch.undo()
-  monkeypatch.setattr(evaluator, "REFERENCE_MAX_IMAGES", 12)
-  evaluator.run(
+  monkeypatch.setattr(fid, "REFERENCE_MAX_IMAGES", 12)
+  evaluate.run(
     family,
     params,
     config,
@@ -299,7 +300,7 @@ def test_tokenizer_rfid(weights_path, tmp_path):
   config = _config(**{"data.image_size": 16})  # SSIM's window is 11 pixels
   family = ToyTokenizer(config)
   perfect = family.init(None, None)
-  m = evaluator.run(
+  m = evaluate.run(
     family,
     perfect,
     config,
@@ -309,7 +310,7 @@ def test_tokenizer_rfid(weights_path, tmp_path):
     inception_weights=weights_path,
   )
   assert abs(m["rfid"]) < 1e-2 and m["psnr"] > 60
-  m2 = evaluator.run(
+  m2 = evaluate.run(
     family,
     {"gain": jnp.asarray(0.3)},
     config,
@@ -324,30 +325,88 @@ def test_tokenizer_rfid(weights_path, tmp_path):
   recon = np.clip(np.round((real / 127.5 - 1.0) * 0.3 * 127.5 + 127.5), 0, 255).astype(np.uint8)
   f_recon = inc.inception_features(recon, weights_path, batch_size=8)["pool"]
   assert m2["rfid"] == pytest.approx(
-    evaluator.frechet_distance_to_stats(f_recon, *em.feature_stats(f_real)), rel=1e-3
+    em.frechet_distance_to_stats(f_recon, *em.feature_stats(f_real)), rel=1e-3
   )
   rec = _read(str(tmp_path / "b"))["inception"]
   assert rec["num_images"] == 8 and "originals" in rec["reference"]
 
 
+# --- choosing the evaluator ----------------------------------------------------------------------
+def test_evaluator_by_kind_or_named_in_config(tmp_path):
+  config = _config(**{"data.image_size": 16})
+  family = ToyTokenizer(config)
+  params = family.init(None, None)
+  by_kind = evaluate.run(family, params, config, str(tmp_path), step=0, out_dir=str(tmp_path / "a"))
+  assert by_kind["psnr"] > 60 and os.path.exists(tmp_path / "a" / "reconstructions.png")
+  named = _config(**{"data.image_size": 16, "eval.evaluator": "arvision.evaluation.tokenizer"})
+  assert evaluate.run(family, params, named, str(tmp_path), step=0) == by_kind
+  # A generator evaluated as a classifier: the named evaluator runs, not the kind's.
+  gen = ToyGenerator(_config(**{"eval.evaluator": "classifier"}))
+  with pytest.raises(AttributeError, match="features"):
+    evaluate.run(gen, gen.init(jax.random.key(0), None), gen.config, str(tmp_path), step=0)
+  for name, match in (("nope", "accepted"), ("arvision.evaluation.metrics", "no `Evaluator`")):
+    with pytest.raises(ValueError, match=match):
+      evaluate.run(family, params, _config(**{"eval.evaluator": name}), str(tmp_path), step=0)
+
+
+# --- domain metrics --------------------------------------------------------------------------------
+def test_domain_metrics_are_declared_by_the_data_config():
+  fmnist = config_util.base_config("toy").data  # the defaults: fashion_mnist 32x32x1, "auto"
+  assert fmnist.domain_metrics == "auto" and domain_classifiers.resolve(fmnist) == "fmnist"
+  other = _config(**{"data.source": "fashion_mnist", "data.image_size": 28}).data
+  assert domain_classifiers.resolve(other) is None  # no shipped classifier sees 28x28 images
+  off = _config(
+    **{"data.source": "fashion_mnist", "data.image_size": 32}
+  ).data.copy_and_resolve_references()
+  off.domain_metrics = ""
+  assert domain_classifiers.resolve(off) is None
+  with pytest.raises(ValueError, match=r"domain_metrics='fmnist' scores source 'fashion_mnist'"):
+    domain_classifiers.resolve(_config(**{"data.domain_metrics": "fmnist"}).data)
+  with pytest.raises(ValueError, match="accepted"):
+    domain_classifiers.resolve(_config(**{"data.domain_metrics": "imagenet"}).data)
+  # Runs saved before the field existed resolve as "auto".
+  old = config_util.from_json(json.dumps({k: v for k, v in fmnist.to_dict().items()
+                                          if k != "domain_metrics"}))  # fmt: skip
+  assert domain_classifiers.resolve(old) == "fmnist"
+
+
+def test_shipped_domain_classifier_loads_and_eval_never_trains(tmp_path, monkeypatch):
+  family, params, config = domain_classifiers.load("fmnist")  # the packaged weights still fit
+  assert family.kind == "classifier" and config.family == "classifier"
+  x = np.zeros((2, 32, 32, 1), np.float32)
+  assert family.features(params, x)[1].shape == (2, 10)
+  stale = dict(domain_classifiers.SHIPPED)
+  stale["fmnist"] = domain_classifiers.ShippedClassifier(
+    config="classifier.py:fmnist", weights=str(tmp_path / "absent.npz")
+  )
+  monkeypatch.setattr(domain_classifiers, "SHIPPED", stale)
+  workdir = domain_classifiers.run_dir("fmnist")
+  assert workdir.startswith(str(tmp_path / "cache"))  # $ARVISION_CACHE
+  with pytest.raises(domain_classifiers.DomainClassifierMissingError) as e:
+    domain_classifiers.load("fmnist")
+  assert f"arvision train --config configs/classifier.py:fmnist --workdir {workdir}" in str(e.value)
+  assert not os.path.exists(workdir)  # nothing was trained
+
+
 # --- sharded sampling ----------------------------------------------------------------------------
 _SHARDED = textwrap.dedent("""
   import jax, numpy as np
-  from arvision import config_util, data, evaluator, families, parallel
+  from arvision import config_util, data, families, parallel
+  from arvision.evaluation import generator as gen_eval
   assert jax.device_count() == 4, jax.devices()
   c = config_util.load_config_file("var.py:smoke")
   tok = families.build(c.tokenizer.config)
   tok_params = tok.init(jax.random.key(0), data.input_spec(c.tokenizer.config.data, 4))
   fam = families.build(c, tokenizer=tok)
   params = {**fam.init(jax.random.key(1), None), "tokenizer": tok_params}
-  labels = evaluator.balanced_labels(10, c.data.num_classes)  # 2 batches of 8, the last padded
+  labels = gen_eval.balanced_labels(10, c.data.num_classes)  # 2 batches of 8, the last padded
   kw = fam.sample_defaults()
   mesh4 = parallel.make_mesh(c.mesh)
   assert mesh4.shape["data"] == 4
-  a = evaluator.generate(fam, params, labels, 8, seed=5, mesh=mesh4, **kw)
-  b = evaluator.generate(fam, params, labels, 8, seed=5,
+  a = gen_eval.generate(fam, params, labels, 8, seed=5, mesh=mesh4, **kw)
+  b = gen_eval.generate(fam, params, labels, 8, seed=5,
                          mesh=parallel.make_mesh(c.mesh, jax.devices()[:1]), **kw)
-  c2 = evaluator.generate(fam, params, labels, 8, seed=6, mesh=mesh4, **kw)
+  c2 = gen_eval.generate(fam, params, labels, 8, seed=6, mesh=mesh4, **kw)
   np.savez(__import__("sys").argv[1], a=a, b=b, c=c2)
 """)
 

@@ -6,7 +6,8 @@ import os
 import jax
 import numpy as np
 
-from arvision import api, checkpoint, config_util, evaluator, train
+from arvision import api, checkpoint, config_util, train
+from arvision.evaluation import evaluate
 
 
 def test_var_smoke_workdir_trains_loads_samples_and_evaluates(tmp_path):
@@ -23,7 +24,7 @@ def test_var_smoke_workdir_trains_loads_samples_and_evaluates(tmp_path):
   assert imgs.dtype == np.uint8
   np.testing.assert_array_equal(imgs, model.sample([0, 1, 2], jax.random.key(0)))
   out = str(tmp_path / "eval")
-  evaluator.run(
+  evaluate.run(
     model.family, model.params, model.config, wd, step=model.step, out_dir=out, num_samples=8
   )
   with open(os.path.join(out, "metrics.json")) as f:

@@ -1,16 +1,18 @@
-"""`arvision tokenize` + the `tokens:` source: codes equal the tokenizer's, views are the documented
-crops, the pipelines pick views as documented, evaluation falls back to the image source."""
+"""`arvision tokenize` (`arvision/pretokenize.py`) + the `tokens:` source: codes equal the tokenizer's
+(`encode_codes`), views are the documented crops, the pipelines pick views as documented,
+evaluation falls back to the image source."""
 
 import json
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, data, families
+from arvision import config_util, data, families, pretokenize
 from arvision.data import tokens, transforms
 
 
@@ -38,23 +40,23 @@ def test_view_images_are_the_documented_crops():
   image = rng.integers(0, 256, (20, 20, 1), dtype=np.uint8)
   pre = transforms.EvalTransform.from_config(config, as_uint8=True)
   center = pre.map({"image": image, "label": 0})["image"]
-  v = tokens.view_images(image, config, "center_flip")
+  v = pretokenize.view_images(image, config, "center_flip")
   assert v.shape == (2, 16, 16, 1)
   np.testing.assert_array_equal(v[0], center)  # view 0 == the eval transform
   np.testing.assert_array_equal(v[1], center[:, ::-1])
-  ten = tokens.view_images(image, config, "five_crop_flip")
+  ten = pretokenize.view_images(image, config, "five_crop_flip")
   assert ten.shape == (10, 16, 16, 1)
   np.testing.assert_array_equal(ten[0], center)
   resized = transforms.resize_short_side(image, pre.mid_size)
   np.testing.assert_array_equal(ten[2], resized[:16, :16])  # top-left corner
   np.testing.assert_array_equal(ten[9], resized[-16:, -16:][:, ::-1])  # bottom-right, mirrored
   with pytest.raises(ValueError, match="accepted"):
-    tokens.view_images(image, config, "six_crop")
+    pretokenize.view_images(image, config, "six_crop")
 
 
 def test_tokenize_writes_the_tokenizers_codes(vq_dir, tmp_path):
   out = str(tmp_path / "codes")
-  meta = tokens.tokenize(vq_dir, out, views="center_flip", batch_size=64)
+  meta = pretokenize.tokenize(vq_dir, out, views="center_flip", batch_size=64)
   config = ckpt_lib.read_config(vq_dir)
   family = families.build(config)
   params = ckpt_lib.load_params(vq_dir)["params"]
@@ -71,11 +73,16 @@ def test_tokenize_writes_the_tokenizers_codes(vq_dir, tmp_path):
     assert ex["label"] == labels[i]
     np.testing.assert_array_equal(ex["tokens"][0], want[i])
     np.testing.assert_array_equal(ex["tokens"][1], want_flip[i])
+  # The file format: int32 LE label, then [views, h*w] codes as little-endian uint16, nothing else.
+  raw = grain.sources.ArrayRecordDataSource([str(tmp_path / "codes" / "test.array_record")])
+  for i in range(3):
+    codes = np.stack([want[i], want_flip[i]]).astype("<u2")
+    assert raw[i] == np.asarray(labels[i], "<i4").tobytes() + codes.tobytes()
 
 
 def test_tokens_source_pipelines(vq_dir, tmp_path):
   out = str(tmp_path / "codes")
-  tokens.tokenize(vq_dir, out, views="center_flip", batch_size=128)
+  pretokenize.tokenize(vq_dir, out, views="center_flip", batch_size=128)
   config = ckpt_lib.read_config(vq_dir).data
   with config.unlocked():
     config.source = f"tokens:{out}"
@@ -106,7 +113,7 @@ def test_tokenize_errors(tmp_path):
   out = str(tmp_path / "kl")
   ckpt_lib.save_export(out, family.init(jax.random.key(0), None), {}, config)
   with pytest.raises(ValueError, match="discrete tokenizer"):
-    tokens.tokenize(out, str(tmp_path / "codes"))
+    pretokenize.tokenize(out, str(tmp_path / "codes"))
 
 
 def test_cli_tokenize(vq_dir, tmp_path):
@@ -121,7 +128,7 @@ def test_cli_tokenize(vq_dir, tmp_path):
 
 def test_tokenize_msvq_concatenates_scales(tmp_path):
   tok = _tokenizer_dir(tmp_path, "msvq")
-  meta = tokens.tokenize(tok, str(tmp_path / "codes"), views="center", splits=("test",))
+  meta = pretokenize.tokenize(tok, str(tmp_path / "codes"), views="center", splits=("test",))
   assert meta["grid"] == [1 + 4 + 16 + 64]
   config = ckpt_lib.read_config(tok)
   family = families.build(config)
@@ -137,7 +144,7 @@ def test_raster_trains_from_tokens_and_refuses_other_tokenizers(vq_dir, tmp_path
   from arvision.train import train
 
   out = str(tmp_path / "codes")
-  tokens.tokenize(vq_dir, out, views="center_flip", batch_size=128)
+  pretokenize.tokenize(vq_dir, out, views="center_flip", batch_size=128)
   config = config_util.load_config_file("raster.py:smoke")
   with config.unlocked():
     config.data.source = f"tokens:{out}"
@@ -156,3 +163,22 @@ def test_raster_trains_from_tokens_and_refuses_other_tokenizers(vq_dir, tmp_path
     config.tokenizer.checkpoint = other
   with pytest.raises(ValueError, match="holds codes of the tokenizer"):
     train(config, str(tmp_path / "run2"))
+
+
+def test_encode_codes_is_flat_for_vq_and_msvq(vq_dir, tmp_path):
+  images = data.load_images(ckpt_lib.read_config(vq_dir).data, "test", 4)[0]
+  x = transforms.normalize(images)
+  for path in (vq_dir, _tokenizer_dir(tmp_path, "msvq")):
+    family = families.build(ckpt_lib.read_config(path))
+    params = ckpt_lib.load_params(path)["params"]
+    codes = family.encode_codes(params, x)
+    idx = family.encode_idx(params, x)
+    want = np.concatenate(idx, axis=1) if family.type == "msvq" else np.asarray(idx)
+    assert codes.dtype == np.int32 and codes.shape == want.shape and codes.ndim == 2
+    np.testing.assert_array_equal(codes, want)
+  config = config_util.load_config_file("tokenizer.py:smoke")
+  with config.unlocked():
+    config.model.type = "kl"
+  kl = families.build(config)
+  with pytest.raises(ValueError, match="encode_codes needs model.type"):
+    kl.encode_codes(kl.init(jax.random.key(0), None), x)

@@ -1,18 +1,13 @@
-"""Pre-extracted tokenizer codes: `arvision tokenize` writes them, `tokens:<dir>` reads them.
+"""The `tokens:<dir>` source: tokenizer codes pre-extracted by `arvision tokenize`.
 
-Large raster/VAR runs do not re-encode every image at every step: like the official LlamaGen
-`extract_codes_c2i.py`, the codes of a few fixed augmented views of each image are extracted once,
-and training picks one view per example at random.
+`arvision tokenize` (`arvision/pretokenize.py`) writes the codes of a few fixed augmented views of
+each image once; training picks one view per example at random, evaluation takes view 0.
 
 Layout of `<dir>`:
   - `meta.json`: grid, vocab size, views, dtype, the tokenizer it came from, and the image source
     (evaluation still needs real images: `image_source` replaces `tokens:` for those).
   - `<split>.array_record`: one record per example: int32 label (little endian) followed by the
-    codes, `[num_views, h*w]` in `meta["dtype"]`, raster order.
-
-Views (`--views`): `center` (1), `center_flip` (2: center crop and its mirror), `five_crop_flip`
-(10: center + four corner crops of the `resize_ratio`-enlarged image, each also mirrored; the
-official `--ten-crop`). Crops are taken exactly as the training transforms take them.
+    codes, `[num_views, L]` in `meta["dtype"]` (`TokenizerFamily.encode_codes` layout).
 """
 
 from __future__ import annotations
@@ -25,35 +20,7 @@ from typing import Any
 import grain
 import numpy as np
 
-VIEWS = ("center", "center_flip", "five_crop_flip")
 META = "meta.json"
-
-
-def _crops(image: np.ndarray, size: int, five: bool) -> list[np.ndarray]:
-  h, w = image.shape[:2]
-  top, left = (h - size) // 2, (w - size) // 2  # the same rounding as transforms.center_crop
-  corners = [(top, left)]
-  if five:
-    corners += [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-  return [image[t : t + size, s : s + size] for t, s in corners]
-
-
-def view_images(image_u8: np.ndarray, data_config, views: str) -> np.ndarray:
-  """The augmented views of one image, uint8 `[num_views, S, S, C]`, in the order documented above."""
-  from arvision.data import transforms
-
-  if views not in VIEWS:
-    raise ValueError(f"views={views!r} is unknown; accepted: {VIEWS}")
-  pre = transforms.EvalTransform.from_config(data_config, as_uint8=True)
-  resized = pre._resized({"image": image_u8})
-  crops = _crops(resized, pre.image_size, five=views == "five_crop_flip")
-  if views != "center":
-    crops = [v for c in crops for v in (c, c[:, ::-1])]
-  return np.stack([np.ascontiguousarray(c) for c in crops])
-
-
-def num_views(views: str) -> int:
-  return {"center": 1, "center_flip": 2, "five_crop_flip": 10}[views]
 
 
 def read_meta(directory: str) -> dict:
@@ -65,54 +32,6 @@ def read_meta(directory: str) -> dict:
     )
   with open(path) as f:
     return json.load(f)
-
-
-def write(
-  encode_fn, data_config, out_dir: str, *, split: str, views: str, batch_size: int, meta: dict
-) -> int:
-  """Encodes every example of `split` in all `views` with `encode_fn` and writes the records.
-
-  Args:
-    encode_fn: float32 images `[B, S, S, C]` in [-1, 1] -> int codes `[B, h*w]`.
-    meta: fields for `meta.json` (grid, vocab_size, tokenizer info); split sizes are added.
-
-  Returns:
-    The number of examples written.
-  """
-  from array_record.python import array_record_module
-
-  from arvision.data import sources, transforms
-
-  source = sources.get_source(data_config, split)
-  nv = num_views(views)
-  dtype = np.dtype(meta["dtype"])
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{split}.array_record")
-  tmp = path + ".tmp"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  n = len(source)
-  for start in range(0, n, batch_size):
-    idx = range(start, min(start + batch_size, n))
-    examples = [source[i] for i in idx]
-    images = np.concatenate(
-      [view_images(np.asarray(e["image"]), data_config, views) for e in examples]
-    )
-    codes = np.asarray(encode_fn(transforms.normalize(images)))
-    codes = codes.reshape(len(examples), nv, -1)
-    if codes.max() > np.iinfo(dtype).max:
-      raise ValueError(f"codes up to {codes.max()} do not fit {dtype}")
-    for e, c in zip(examples, codes, strict=True):
-      writer.write(np.int32(e["label"]).tobytes() + c.astype(dtype).tobytes())
-  writer.close()
-  os.replace(tmp, path)  # a crash never leaves a truncated split behind
-  meta = dict(meta, views=views, num_views=nv)
-  meta.setdefault("splits", {})
-  old = read_meta(out_dir) if os.path.exists(os.path.join(out_dir, META)) else {}
-  meta["splits"] = dict(old.get("splits", {}), **{split: n})
-  with open(os.path.join(out_dir, META + ".tmp"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(os.path.join(out_dir, META + ".tmp"), os.path.join(out_dir, META))
-  return n
 
 
 class TokensSource:
@@ -175,65 +94,3 @@ def tokenizer_digest(params) -> str:
   for x in jax.tree.leaves(params):
     h.update(np.asarray(x).tobytes())
   return h.hexdigest()[:16]
-
-
-def tokenize(workdir: str, out_dir: str, *, views: str = "center_flip", batch_size: int = 256,
-             splits: tuple[str, ...] | None = None) -> dict:  # fmt: skip
-  """`arvision tokenize`: codes of a discrete tokenizer for the train and eval splits of its data.
-
-  Args:
-    workdir: a tokenizer run (or converted tokenizer) dir, or a generator run whose checkpoint holds
-      its frozen tokenizer.
-    splits: default: the config's train and eval splits.
-
-  Returns:
-    The meta.json contents.
-  """
-  import jax
-
-  from arvision import api
-
-  model = api.load(workdir)
-  if model.config.family == "tokenizer":
-    family, params, data_config = model.family, model.params, model.config.data
-  elif getattr(model.family, "tokenizer", None) is not None:
-    family, params = model.family.tokenizer, model.params["tokenizer"]
-    data_config = model.config.data
-  else:
-    raise ValueError(f"{workdir} holds a {model.config.family!r} model without a tokenizer")
-  if str(data_config.source).startswith("tokens:"):
-    raise ValueError(f"{workdir} was trained on tokens ({data_config.source}); give its image run")
-  if family.type == "vq":
-    grid = [family.image_size // family.downsample] * 2
-
-    def encode(x):
-      return family.encode_idx(params, x)
-  elif family.type == "msvq":
-    grid = [sum(p * p for p in family.patch_nums)]
-
-    def encode(x):
-      return jax.numpy.concatenate(family.encode_idx(params, x), axis=1)
-  else:
-    raise ValueError(
-      f"arvision tokenize needs a discrete tokenizer (model.type vq or msvq); {workdir} has "
-      f"{family.type!r} (continuous latents are encoded on the fly)"
-    )
-  encode_jit = jax.jit(encode)
-  vocab = int(family.vocab_size)
-  meta = dict(
-    grid=grid,
-    vocab_size=vocab,
-    dtype="uint16" if vocab <= 65536 else "int32",
-    tokenizer_type=family.type,
-    tokenizer_workdir=os.path.abspath(workdir),
-    tokenizer_digest=tokenizer_digest(params),
-    image_source=str(data_config.source),
-    image_size=int(data_config.image_size),
-    channels=int(data_config.channels),
-    resize_ratio=float(data_config.resize_ratio),
-    num_classes=int(data_config.num_classes),
-  )
-  for split in splits or (data_config.train_split, data_config.eval_split):
-    write(encode_jit, data_config, out_dir, split=split, views=views, batch_size=batch_size,
-          meta=meta)  # fmt: skip
-  return read_meta(out_dir)

@@ -90,6 +90,35 @@ def frechet_distance_from_features(feats1, feats2) -> float:
   return frechet_distance(*feature_stats(feats1), *feature_stats(feats2))
 
 
+def frechet_distance_to_stats(feats, mu, sigma) -> float:
+  """`frechet_distance(*feature_stats(feats), mu, sigma)`, fast when N <= D.
+
+  With `S1 = Xc^T Xc / (N-1)` (`Xc` the centered `[N, D]` features), the non-zero eigenvalues of
+  `S1 S2` (whose square roots sum to the trace term) are those of the `[N, N]` matrix
+  `Xc S2 Xc^T / (N-1)`. So evaluations with fewer samples than feature dimensions (the loop's
+  periodic evals, rFID on small splits) need one small eigendecomposition instead of two `D x D`
+  ones (seconds each for D = 2048 on a CPU). The result is the same up to float64 rounding.
+  """
+  x = np.asarray(feats, np.float64)
+  if x.ndim != 2 or x.shape[0] < 2:
+    raise ValueError(f"feats have shape {x.shape}; accepted: [N, D] with N >= 2")
+  n, d = x.shape
+  mu2, s2 = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+  if n > d:
+    return frechet_distance(*feature_stats(x), mu2, s2)
+  if mu2.shape != (d,) or s2.shape != (d, d):
+    raise ValueError(f"mu {mu2.shape} / sigma {s2.shape}; accepted: [{d}] and [{d}, {d}]")
+  if not (np.all(np.isfinite(mu2)) and np.all(np.isfinite(s2))):
+    raise ValueError("reference mu/sigma have non-finite values; accepted: finite statistics")
+  s2 = (s2 + s2.T) / 2
+  mu1 = x.mean(0)
+  xc = x - mu1
+  m = xc @ s2 @ xc.T / (n - 1)
+  tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(xc * xc) / (n - 1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
   z = logits - logits.max(-1, keepdims=True)
   return z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -121,6 +121,13 @@ def load_reference_stats(path: str, required=("mu", "sigma"), load_images: bool 
   return out
 
 
+def cache_dir() -> str:
+  """Where evaluation caches what it computes once: `$ARVISION_CACHE`, default ~/.cache/arvision."""
+  return os.environ.get(
+    "ARVISION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "arvision")
+  )
+
+
 def stats_key(dataset: str, split: str, extractor: str, n: int) -> str:
   """A short stable hash of what the statistics depend on."""
   blob = json.dumps([str(dataset), str(split), str(extractor), int(n)])

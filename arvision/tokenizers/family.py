@@ -242,6 +242,13 @@ class TokenizerFamily(Family):
     self._need("msvq", "vq", what="encode_idx")
     return self._quantize(params, "f_to_idx", self.encode_f(params, images))
 
+  def encode_codes(self, params, images: jax.Array) -> jax.Array:
+    """Flat codes int32 `[B, L]`: vq `[B, h*w]` row-major; msvq every scale, coarse to fine,
+    concatenated `[B, sum(pn*pn)]` (the layout `arvision tokenize` writes)."""
+    self._need("msvq", "vq", what="encode_codes")
+    idx = self.encode_idx(params, images)
+    return jnp.concatenate(idx, axis=1) if self.type == "msvq" else idx
+
   def idx_to_fhat(self, params, idx):
     """Codes -> quantized features [B, h, w, C] (msvq: list per scale; vq: [B, h*w])."""
     self._need("msvq", "vq", what="idx_to_fhat")
