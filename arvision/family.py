@@ -32,8 +32,9 @@ class Family:
   def __init__(self, config):
     self.config = config
 
-  def init(self, rng: jax.Array, batch: Batch) -> Params:
-    """Returns the trainable params (without `frozen_keys`) as plain arrays."""
+  def init(self, rng: jax.Array, batch: Batch | None = None) -> Params:
+    """Returns the trainable params (without `frozen_keys`) as plain arrays. Families whose shapes
+    come from the config alone (generators, tokenizers) take `batch=None`."""
     return nn.unbox(self.init_annotated(rng, batch))
 
   def init_annotated(self, rng: jax.Array, batch: Batch) -> Params:

@@ -64,7 +64,8 @@ from arvision import config_util, families
 from arvision.models.common import images_to_uint8, param_count
 from arvision.models.var import VAR
 from arvision.ops import masks
-from arvision.sampling.topk import cfg_mix, filter_top_k_top_p
+from arvision.sampling import guidance
+from arvision.sampling.topk import filter_top_k_top_p
 
 PRESETS = {
   # The number the issue asks for on a GPU: VAR-d16 at 256px, batch 64, bf16, cfg 1.5.
@@ -155,7 +156,7 @@ def recompute_sampler(fam):
   mod, tok = fam.module, fam.tokenizer
 
   def run(params, labels, rng, cfg, top_k, top_p):
-    var_vars = fam._var_vars(params)
+    var_vars = fam._vars(params)
     tok_p = params["tokenizer"]
     B, n, Cvae = labels.shape[0], len(fam.patch_nums), mod.cvae
     labels = labels.astype(jnp.int32)
@@ -166,10 +167,10 @@ def recompute_sampler(fam):
     f_hat = jnp.zeros((B, P, P, Cvae), jnp.float32)
     inputs, idx_out = [x], []
     for si, pn in enumerate(fam.patch_nums):
-      ratio = si / (n - 1) if n > 1 else 0.0
       prefix = jnp.concatenate(inputs, axis=1) if len(inputs) > 1 else inputs[0]
       logits_2Bxlxv = mod.apply(var_vars, prefix, cond_2BxD, si + 1, method=_prefix_logits)
-      logits = cfg_mix(logits_2Bxlxv[:B], logits_2Bxlxv[B:], cfg * ratio)
+      scale = guidance.linear_excess(cfg, si, n)
+      logits = guidance.guide(logits_2Bxlxv[:B], logits_2Bxlxv[B:], scale)
       rng, k_idx, _ = jax.random.split(rng, 3)  # the cached sampler's split (gumbel key unused)
       filtered = filter_top_k_top_p(logits, top_k, top_p)
       idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)

@@ -1,4 +1,8 @@
-"""Per-token generative heads: MAR's diffusion loss (`DiffusionHead`) and its MLP.
+"""Per-token output heads, one registry (`HEADS`) that families name in `config.model.head`:
+
+- `categorical`: logits over a codebook (VAR, LlamaGen); a Dense, params `kernel`, `bias`.
+- `diffusion`: MAR's diffusion loss (`DiffusionHead`) over continuous tokens given a condition z.
+- `flow`: the same MLP trained by flow matching (`FlowHead`, `arvision.diffusion.flow`).
 
 A port of the official `models/diffloss.py` (LTH14/mar): `SimpleMLPAdaLN` (time embedding + cond
 embedding summed into y, AdaLN residual MLP blocks, AdaLN final layer) and `DiffLoss`, which trains
@@ -32,9 +36,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arvision.diffusion.flow import FlowMatching
 from arvision.diffusion.gaussian import create_diffusion
 from arvision.models.layers import layer_norm
 from arvision.parallel.logical import param_init
+from arvision.sampling.guidance import mix
 
 _ZEROS = nn.initializers.zeros
 _ONES = nn.initializers.ones
@@ -149,9 +155,7 @@ def cfg_model_output(out: jax.Array, cfg, token_dim: int) -> jax.Array:
   """
   n = out.shape[0] // 2
   eps, rest = out[:, :token_dim], out[:, token_dim:]
-  cond_eps, uncond_eps = eps[:n], eps[n:]
-  guided = uncond_eps + cfg * (cond_eps - uncond_eps)
-  return jnp.concatenate([guided, rest[:n]], axis=-1)
+  return jnp.concatenate([mix(eps[:n], eps[n:], cfg), rest[:n]], axis=-1)
 
 
 class DiffusionHead(nn.Module):
@@ -265,8 +269,84 @@ class DiffusionHead(nn.Module):
     return jnp.concatenate([x, x]) if guided else x
 
 
+class CategoricalHead(nn.Dense):
+  """Logits over a vocabulary: a Dense (`features` = vocabulary size) with `kernel` and `bias`,
+  so families that name it keep their parameter trees (VAR's `head`)."""
+
+
+class FlowHead(nn.Module):
+  """A flow-matching head over per-token targets given conditions z (`SimpleMLPAdaLN` net).
+
+  The net sees `t * 1000` so its sinusoidal time embedding has the diffusion head's range.
+
+  Attributes:
+    token_dim, z_dim, width, depth: as `DiffusionHead`.
+    num_sampling_steps: Euler steps at sampling.
+    time_dist: training-time distribution ("uniform" or "logit_normal").
+  """
+
+  token_dim: int
+  z_dim: int
+  width: int
+  depth: int
+  num_sampling_steps: int = 50
+  time_dist: str = "uniform"
+
+  def setup(self):
+    self.net = SimpleMLPAdaLN(
+      in_channels=self.token_dim,
+      model_channels=self.width,
+      out_channels=self.token_dim,
+      z_channels=self.z_dim,
+      num_res_blocks=self.depth,
+    )
+
+  def velocity(self, x, t, c):
+    return self.net(x, t * 1000.0, c)
+
+  def __call__(self, target: jax.Array, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Scalar velocity MSE (rng stream "diffusion", as the diffusion head), masked mean."""
+    flow = FlowMatching(self.time_dist)
+    loss = flow.loss(self.velocity, target.astype(jnp.float32), self.make_rng("diffusion"), c=z)
+    if mask is None:
+      return jnp.mean(loss)
+    mask = mask.astype(loss.dtype)
+    return jnp.sum(loss * mask) / jnp.maximum(jnp.sum(mask), 1e-8)
+
+  def sample(self, z, temperature=1.0, cfg=1.0, num_steps=None, rng=None, *, guided=False):
+    """Euler samples `[N, C]` (noise times `temperature`); with `guided` the rows of z are
+    `[cond; uncond]` halves, the velocity is mixed by `cfg` and both halves hold the result."""
+    steps = self.num_sampling_steps if num_steps is None else int(num_steps)
+    rng = self.make_rng("diffusion") if rng is None else rng
+    n = z.shape[0] // 2 if guided else z.shape[0]
+
+    def model_fn(x, t, c):
+      if not guided:
+        return self.velocity(x, t, c)
+      both = self.velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]), c)
+      return mix(both[:n], both[n:], cfg)
+
+    noise = jax.random.normal(rng, (n, self.token_dim), jnp.float32) * temperature
+    x = FlowMatching(self.time_dist).sample_euler(model_fn, noise, steps, c=z)
+    return jnp.concatenate([x, x]) if guided else x
+
+
+HEADS = {"categorical": CategoricalHead, "diffusion": DiffusionHead, "flow": FlowHead}
+
+
+def head_class(name: str) -> type[nn.Module]:
+  """The head class `config.model.head=name` names."""
+  if name not in HEADS:
+    raise ValueError(f"model.head={name!r} is unknown; accepted: {list(HEADS)}")
+  return HEADS[name]
+
+
 __all__ = [
+  "HEADS",
+  "CategoricalHead",
   "DiffusionHead",
+  "FlowHead",
+  "head_class",
   "FinalLayer",
   "ResBlock",
   "SimpleMLPAdaLN",

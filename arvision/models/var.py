@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arvision.family import Family
-from arvision.models.common import images_to_uint8, param_count  # noqa: F401
+from arvision.models import heads as heads_lib
+from arvision.models import next_scale
+from arvision.models.common import param_count  # noqa: F401
+from arvision.models.generator import Generator
 from arvision.models.layers import (
   AdaLNBeforeHead,
   AdaLNSelfAttn,
@@ -33,8 +35,9 @@ from arvision.models.layers import (
 )
 from arvision.ops import masks
 from arvision.parallel.logical import constrain, param_init
+from arvision.sampling import guidance
 from arvision.sampling.kv_cache import init_kv_caches
-from arvision.sampling.topk import cfg_mix, filter_top_k_top_p, gumbel_softmax
+from arvision.sampling.topk import filter_top_k_top_p, gumbel_softmax
 
 
 def scale_bounds(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
@@ -67,6 +70,7 @@ class VAR(nn.Module):
     init_std: Dense/Embed init std; <= 0 means sqrt(1 / (3C)) as the official default.
     norm_eps: LayerNorm epsilon.
     attn_impl: implementation for `arvision.ops.attention`.
+    mask: `next_scale.MASKS` name: "scale_causal" (VAR) or "block_diagonal" (Markovian).
   """
 
   depth: int
@@ -87,6 +91,7 @@ class VAR(nn.Module):
   init_std: float = -1.0
   norm_eps: float = 1e-6
   attn_impl: str = "auto"
+  mask: str = "scale_causal"
 
   @property
   def lengths(self) -> tuple[int, ...]:
@@ -141,7 +146,7 @@ class VAR(nn.Module):
       for i in range(self.depth)
     ]
     self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
-    self.head = nn.Dense(
+    self.head = heads_lib.CategoricalHead(
       self.vocab_size,
       kernel_init=param_init(scaled_init(tn, self.init_head), ("embed", "vocab")),
       bias_init=param_init(zeros, ("vocab",)),
@@ -195,7 +200,7 @@ class VAR(nn.Module):
     x = constrain(x + self._lvl_pos(), ("batch", "seq", "embed"))
 
     cond = self._block_cond(cond_BxD)
-    mask = masks.scale_causal(self.lengths)
+    mask = next_scale.train_mask(self.mask, self.lengths)
     for block in self.blocks:
       x, _ = block(x, cond, mask=mask, deterministic=not train)
     return self._logits(x, cond_BxD)
@@ -214,19 +219,25 @@ class VAR(nn.Module):
     b, e = scale_bounds(self.patch_nums)[si]
     return self.word_embed(next_BxlxCvae.astype(jnp.float32)) + self._lvl_pos()[:, b:e]
 
-  def step(self, x_BxlxC: jax.Array, cond_BxD: jax.Array, caches: list, si: int):
-    """Runs scale `si` through all blocks with KV caches; returns `(logits [B, l, V], caches)`."""
+  def step(self, x_BxlxC: jax.Array, cond_BxD: jax.Array, caches: list | None, si: int):
+    """Runs scale `si` through all blocks; returns `(logits [B, l, V], caches)`.
+
+    scale_causal: queries of scale si see every cached token (scales <= si), a full mask on the
+    cache prefix. block_diagonal: they see scale si only, so `caches` is None (nothing cached).
+    """
     b, e = scale_bounds(self.patch_nums)[si]
     if x_BxlxC.shape[1] != e - b:
       raise ValueError(f"scale {si} expects {e - b} tokens, got {x_BxlxC.shape[1]}")
     cond = self._block_cond(cond_BxD)
-    new_caches = []
-    # Queries of scale si see every cached token (scales <= si): a full mask on the prefix.
-    mask = masks.full()
-    x = x_BxlxC
-    for block, cache in zip(self.blocks, caches, strict=True):
-      x, cache = block(x, cond, mask=mask, deterministic=True, cache=cache, cache_index=b)
-      new_caches.append(cache)
+    x, new_caches = x_BxlxC, None if caches is None else []
+    for i, block in enumerate(self.blocks):
+      if caches is None:
+        x, _ = block(x, cond, mask=masks.full(), deterministic=True)
+      else:
+        x, cache = block(
+          x, cond, mask=masks.full(), deterministic=True, cache=caches[i], cache_index=b
+        )
+        new_caches.append(cache)
     return self._logits(x, cond_BxD), new_caches
 
 
@@ -234,45 +245,58 @@ class VAR(nn.Module):
 # Family
 
 
-def _model_field(cfg, name, default):
-  return cfg[name] if name in cfg else default
-
-
-class VARFamily(Family):
+class VARFamily(Generator):
   """VAR as a Family: trains on a frozen multi-scale VQ tokenizer (`params["tokenizer"]`).
 
-  The tokenizer family must provide `encode_idx`, `idx_to_var_input`, `next_input`, `codebook`,
-  `decode_fhat` and `config.model.{patch_nums, vocab_size, embed_dim or z_channels}`.
+  The tokenizer family must provide `codebook`, `config.model.{patch_nums, vocab_size, embed_dim
+  or z_channels}` and the methods of the `model.scales` strategy (`next_scale.SCALE_INPUTS`).
+  Variant hooks (`config.model`): `mask`, `scales`, `scale_loss` (see `next_scale`), `head`
+  (`heads.HEADS`; VAR's transformer predicts codebook indices, so `categorical`) and
+  `sample_patch_nums` (must equal the training schedule: VAR has per-scale tables).
   """
 
-  kind = "generator"
-  frozen_keys = ("tokenizer",)
+  name = "var"
+  tokenizer_methods = ("codebook",)
+  sampler_static = ("more_smooth", "return_logits", "cfg_schedule")
+  # Params sized by the training scale schedule (a successor without them may sample another).
+  per_scale_tables = "pos_1LC [1, L, C] and lvl_embed [num_scales, C]"
 
   def __init__(self, config, tokenizer):
-    super().__init__(config)
-    if tokenizer is None:
-      raise ValueError("the var family needs a tokenizer family (build(config, tokenizer=...))")
-    for meth in ("encode_idx", "idx_to_var_input", "next_input", "codebook", "decode_fhat"):
-      if not hasattr(tokenizer, meth):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} lacks {meth!r}, needed by var")
-    self.tokenizer = tokenizer
+    super().__init__(config, tokenizer)
     m = config.model
     tm = tokenizer.config.model
     depth = int(m.depth)
     if depth <= 0:
       raise ValueError(f"model.depth={depth} must be a positive int")
-    width = int(_model_field(m, "width", 0)) or 64 * depth
-    heads = int(_model_field(m, "num_heads", 0)) or depth
+    width = int(m.get("width", 0)) or 64 * depth
+    heads = int(m.get("num_heads", 0)) or depth
     if width % heads:
       raise ValueError(f"model.width={width} is not divisible by model.num_heads={heads}")
-    dpr = float(_model_field(m, "drop_path_rate", -1.0))
+    dpr = float(m.get("drop_path_rate", -1.0))
     if dpr < 0:
       dpr = 0.1 * depth / 24
     self.patch_nums = tuple(int(p) for p in tm.patch_nums)
-    self.num_classes = int(config.data.num_classes)
-    self.label_smoothing = float(_model_field(m, "label_smoothing", 0.0))
+    self.sample_patch_nums = next_scale.check_sample_schedule(
+      self.patch_nums, m.get("sample_patch_nums", ()), self.per_scale_tables
+    )
+    self.scales = next_scale.scale_inputs(
+      str(m.get("scales", "residual")), tokenizer, self.patch_nums
+    )
+    self.label_smoothing = float(m.get("label_smoothing", 0.0))
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
+    self.scale_weights = next_scale.scale_weights(
+      str(m.get("scale_loss", "tokens")),
+      len(self.patch_nums),
+      float(m.get("scale_loss_mu", 0.0)),
+      float(m.get("scale_loss_sigma", 1.0)),
+    )
+    head = str(m.get("head", "categorical"))
+    if heads_lib.head_class(head) is not heads_lib.CategoricalHead:
+      raise ValueError(
+        f"model.head={head!r}: the var family predicts codebook indices and supports "
+        "'categorical' only; a continuous head needs continuous per-scale targets"
+      )
     self.module = VAR(
       depth=depth,
       width=width,
@@ -282,77 +306,51 @@ class VARFamily(Family):
       cvae=int(tm.embed_dim) if "embed_dim" in tm else int(tm.z_channels),
       num_classes=self.num_classes,
       patch_nums=self.patch_nums,
-      mlp_ratio=float(_model_field(m, "mlp_ratio", 4.0)),
+      mlp_ratio=float(m.get("mlp_ratio", 4.0)),
       drop_path_rate=dpr,
-      cond_drop_rate=float(_model_field(m, "cond_drop_rate", 0.1)),
-      attn_l2_norm=bool(_model_field(m, "attn_l2_norm", True)),
-      shared_aln=bool(_model_field(m, "shared_aln", False)),
-      aln=float(_model_field(m, "aln", 0.5)),
-      alng=float(_model_field(m, "alng", 1e-5)),
-      init_head=float(_model_field(m, "init_head", 0.02)),
-      init_std=float(_model_field(m, "init_std", -1.0)),
-      norm_eps=float(_model_field(m, "norm_eps", 1e-6)),
-      attn_impl=str(_model_field(m, "attn_impl", "auto")),
+      cond_drop_rate=float(m.get("cond_drop_rate", 0.1)),
+      attn_l2_norm=bool(m.get("attn_l2_norm", True)),
+      shared_aln=bool(m.get("shared_aln", False)),
+      aln=float(m.get("aln", 0.5)),
+      alng=float(m.get("alng", 1e-5)),
+      init_head=float(m.get("init_head", 0.02)),
+      init_std=float(m.get("init_std", -1.0)),
+      norm_eps=float(m.get("norm_eps", 1e-6)),
+      attn_impl=str(m.get("attn_impl", "auto")),
+      mask=str(m.get("mask", "scale_causal")),
     )
+    next_scale.train_mask(self.module.mask, self.module.lengths)  # fails now on an unknown mask
     self.lengths = self.module.lengths
     self.seq_len = self.module.seq_len
-    self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
-    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("more_smooth", "return_logits"))
 
-  # --- params ------------------------------------------------------------------------------------
-
-  def _var_vars(self, params) -> dict:
-    return {"params": {k: v for k, v in params.items() if k not in self.frozen_keys}}
-
-  def abstract_params(self):
-    """Param shapes (`jax.eval_shape`, nothing allocated)."""
-    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
-
-  def init_annotated(self, rng: jax.Array, batch) -> dict:
-    """The VAR params only (the loop adds `params["tokenizer"]`). `batch` is not needed."""
-    del batch
+  def init_inputs(self) -> tuple:
     label = jnp.zeros((1,), jnp.int32)
-    teacher = jnp.zeros((1, self.seq_len - self.lengths[0], self.module.cvae), jnp.float32)
-    return dict(self.module.init({"params": rng}, label, teacher, train=False)["params"])
+    return label, jnp.zeros((1, self.seq_len - self.lengths[0], self.module.cvae), jnp.float32)
 
   # --- training ----------------------------------------------------------------------------------
 
   def apply(self, params, label_B, teacher_BxLm1xCvae, rng=None, train: bool = False):
     """Teacher-forced logits `[B, L, V]` (float32)."""
-    rngs = {"dropout": rng} if train else {}
-    if train and rng is None:
-      raise ValueError("VARFamily.apply(train=True) needs an rng")
-    return self.module.apply(
-      self._var_vars(params), label_B, teacher_BxLm1xCvae, train=train, rngs=rngs
-    )
+    return self.apply_module(params, label_B, teacher_BxLm1xCvae, rng=rng, train=train)
 
   def targets(self, params, batch) -> list[jax.Array]:
     """Per-scale ground-truth indices `[B, pn*pn]` from `batch["image"]` (or `batch["tokens"]`)."""
-    if "tokens" in batch:
-      tokens = jnp.asarray(batch["tokens"])
-      if (
-        tokens.ndim != 2
-        or tokens.shape[1] != self.seq_len
-        or not jnp.issubdtype(tokens.dtype, jnp.integer)
-      ):
-        raise ValueError(
-          f"batch['tokens'] must be int [B, {self.seq_len}] (all scales concatenated), got "
-          f"{tokens.dtype} {tokens.shape}"
-        )
+    tokens = self.batch_tokens(batch, (self.seq_len,), True, "all scales concatenated")
+    if tokens is not None:
       return [tokens[:, b:e] for b, e in scale_bounds(self.patch_nums)]
-    if "image" not in batch:
-      raise ValueError(f"var batch needs 'image' or 'tokens'; got keys {sorted(batch)}")
-    idx = self.tokenizer.encode_idx(params["tokenizer"], batch["image"])
+    idx = self.scales.targets(params["tokenizer"], batch["image"])
     return [jax.lax.stop_gradient(i).astype(jnp.int32) for i in idx]
 
   def loss(self, params, batch, rng, train: bool):
-    """Per-token CE, uniform 1/L weights summed over tokens, averaged over the batch.
+    """Per-token CE, uniform 1/L weights summed over tokens, averaged over the batch (or, with
+    `model.scale_loss`, per-scale mean CE weighted over scales).
 
     Metrics: `loss` (the objective, with label smoothing), `ce` (plain CE), `acc`, and per scale
     `loss_s{k}` (plain CE) and `acc_s{k}`.
     """
     idx_list = self.targets(params, batch)
-    teacher = self.tokenizer.idx_to_var_input(params["tokenizer"], idx_list)
+    tok_p = params["tokenizer"]
+    teacher = self.scales.teacher(tok_p, idx_list, self.tokenizer.codebook(tok_p))
     teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
     logits_BxLxV = self.apply(params, label, teacher, rng=rng, train=train)
@@ -365,10 +363,15 @@ class VARFamily(Family):
       obj_BxL = optax.softmax_cross_entropy(logits_BxLxV, smooth)
     else:
       obj_BxL = ce_BxL
-    loss = jnp.mean(jnp.sum(obj_BxL / self.seq_len, axis=1))
+    bounds = scale_bounds(self.patch_nums)
+    if self.scale_weights is None:
+      loss = jnp.mean(jnp.sum(obj_BxL / self.seq_len, axis=1))
+    else:
+      per_scale = next_scale.scale_mean(obj_BxL, bounds)
+      loss = jnp.mean(per_scale @ jnp.asarray(self.scale_weights, jnp.float32))
     correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == gt_BxL).astype(jnp.float32)
     metrics = {"loss": loss, "ce": jnp.mean(ce_BxL), "acc": jnp.mean(correct_BxL)}
-    for k, (b, e) in enumerate(scale_bounds(self.patch_nums)):
+    for k, (b, e) in enumerate(bounds):
       metrics[f"loss_s{k}"] = jnp.mean(ce_BxL[:, b:e])
       metrics[f"acc_s{k}"] = jnp.mean(correct_BxL[:, b:e])
     return loss, metrics
@@ -388,30 +391,23 @@ class VARFamily(Family):
     *,
     more_smooth: bool,
     return_logits: bool,
+    cfg_schedule,
   ):
-    # Runs only while tracing: counts compilations of the sampler.
-    self.trace_count += 1
-    tok, tok_p = self.tokenizer, params["tokenizer"]
-    var_vars = self._var_vars(params)
-    mod = self.module
-    B = labels.shape[0]
-    n = len(self.patch_nums)
-    Cvae = mod.cvae
-    labels = labels.astype(jnp.int32)
-    labels_2B = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
-    x, cond_2BxD = mod.apply(var_vars, labels_2B, method=VAR.first_tokens)
-    caches = init_kv_caches(
-      mod.depth, 2 * B, self.seq_len, mod.num_heads, mod.width // mod.num_heads, x.dtype
-    )
-    codebook_VxC = tok.codebook(tok_p).astype(jnp.float32)
-    P = self.patch_nums[-1]
-    f_hat = jnp.zeros((B, P, P, Cvae), jnp.float32)
+    tok_p, var_vars, mod = params["tokenizer"], self._vars(params), self.module
+    B, n, Cvae = labels.shape[0], len(self.patch_nums), mod.cvae
+    x, cond_2BxD = mod.apply(var_vars, self.labels_2B(labels), method=VAR.first_tokens)
+    caches = None
+    if mod.mask == "scale_causal":  # block_diagonal: a scale sees only itself, nothing to cache
+      hd = mod.width // mod.num_heads
+      caches = init_kv_caches(mod.depth, 2 * B, self.seq_len, mod.num_heads, hd, x.dtype)
+    codebook_VxC = self.tokenizer.codebook(tok_p).astype(jnp.float32)
+    state = self.scales.init_state(B, Cvae)
     idx_out, logits_out = [], []
     for si, pn in enumerate(self.patch_nums):
       ratio = si / (n - 1) if n > 1 else 0.0
       logits_2Bxlxv, caches = mod.apply(var_vars, x, cond_2BxD, caches, si, method=VAR.step)
-      # CFG weight grows linearly over scales: the first scale is sampled unguided.
-      logits = cfg_mix(logits_2Bxlxv[:B], logits_2Bxlxv[B:], cfg * ratio)
+      scale = guidance_scale(cfg_schedule, cfg, si, n)
+      logits = guidance.guide(logits_2Bxlxv[:B], logits_2Bxlxv[B:], scale)
       rng, k_idx, k_gumbel = jax.random.split(rng, 3)
       filtered = filter_top_k_top_p(logits, top_k, top_p)
       idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
@@ -427,12 +423,11 @@ class VARFamily(Family):
       idx_out.append(idx_Bl)
       if return_logits:
         logits_out.append(logits)
-      f_hat, nxt = tok.next_input(tok_p, si, f_hat, h_BlC.reshape(B, pn, pn, Cvae))
+      state, nxt = self.scales.advance(tok_p, si, state, h_BlC.reshape(B, pn, pn, Cvae))
       if si != n - 1:
         x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
         x = jnp.concatenate([x, x], axis=0)
-    img = tok.decode_fhat(tok_p, f_hat).astype(jnp.float32)
-    img_u8 = images_to_uint8(img)
+    img_u8 = self.decode_images(params, self.scales.latent(state), "decode_fhat")
     return img_u8, idx_out, (logits_out if return_logits else None)
 
   def _check_known(self, labels, known_idx, known_mask):
@@ -470,28 +465,33 @@ class VARFamily(Family):
     known_idx=None,
     known_mask=None,
     return_logits=False,
+    cfg_schedule="linear",
   ):
     """Samples images and returns the per-scale tokens too.
 
     Args:
       params: VAR params plus `params["tokenizer"]`.
-      labels: int `[B]` class labels (`num_classes` = unconditional).
+      labels: int `[B]` class labels in [0, num_classes] (`num_classes` = unconditional).
       rng: a jax PRNG key; the result is a deterministic function of it.
-      cfg: guidance; scale si uses t = cfg * si / (num_scales - 1).
+      cfg: guidance; logits = uncond + s (cond - uncond) with s = 1 + t, t = cfg * si /
+        (num_scales - 1) under the official "linear" `cfg_schedule` (see `guidance_scale`).
       top_k: keep the k largest logits (0 = off).
       top_p: nucleus threshold (official rule; 0 = off).
       more_smooth: Gumbel-softmax soft embeddings (visualisation only, as official).
       known_idx, known_mask: optional per-scale `[B, pn*pn]` tokens and bool masks; masked
         positions are teacher-forced at every scale (zero-shot inpainting/outpainting/editing).
       return_logits: also return the guided logits `[B, pn*pn, V]` per scale (before filtering).
+      cfg_schedule: "linear" (official), "constant" (s = 1 + cfg at every scale) or a tuple of
+        one scale s per scale (static).
 
     Returns:
       `(images uint8 [B, H, W, C], idx list of int32 [B, pn*pn], logits list or None)`.
     """
-    labels = jnp.asarray(labels)
-    if labels.ndim != 1:
-      raise ValueError(f"labels must be int [B], got shape {labels.shape}")
+    labels = self.check_labels(labels)
     known_idx, known_mask = self._check_known(labels, known_idx, known_mask)
+    if not isinstance(cfg_schedule, str):
+      cfg_schedule = tuple(float(s) for s in cfg_schedule)
+    guidance_scale(cfg_schedule, 0.0, 0, len(self.patch_nums))  # fails now on a bad schedule
     return self._sample_jit(
       params,
       labels,
@@ -503,34 +503,22 @@ class VARFamily(Family):
       known_mask,
       more_smooth=bool(more_smooth),
       return_logits=bool(return_logits),
+      cfg_schedule=cfg_schedule,
     )
 
-  def sample(
-    self,
-    params,
-    cond,
-    rng,
-    *,
-    cfg=1.5,
-    top_k=900,
-    top_p=0.96,
-    more_smooth=False,
-    known_idx=None,
-    known_mask=None,
-  ) -> jax.Array:
-    """uint8 NHWC images for int labels `cond [B]` (see `sample_tokens`)."""
-    images, _, _ = self.sample_tokens(
-      params,
-      cond,
-      rng,
-      cfg=cfg,
-      top_k=top_k,
-      top_p=top_p,
-      more_smooth=more_smooth,
-      known_idx=known_idx,
-      known_mask=known_mask,
-    )
-    return images
+
+def guidance_scale(schedule, cfg, si: int, num_scales: int):
+  """The guidance scale s of scale `si`: "linear" (official VAR, s = 1 + cfg si / (n - 1)),
+  "constant" (s = 1 + cfg) or a tuple of one s per scale."""
+  if schedule == "linear":
+    return guidance.linear_excess(cfg, si, num_scales)
+  if schedule == "constant":
+    return 1.0 + guidance.constant(cfg, si)
+  if isinstance(schedule, tuple):
+    return guidance.per_step(schedule, si, num_scales)
+  raise ValueError(
+    f"cfg_schedule={schedule!r} is unknown; accepted: 'linear', 'constant' or one scale per scale"
+  )
 
 
 def official_param_count(
@@ -557,6 +545,4 @@ def official_param_count(
   return emb + depth * (attn + ffn + ada) + shared + head
 
 
-def build(config, tokenizer=None) -> VARFamily:
-  """Builds the VAR family from its config and the (frozen) tokenizer family."""
-  return VARFamily(config, tokenizer)
+build = VARFamily.build

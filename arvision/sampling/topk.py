@@ -1,7 +1,7 @@
-"""Logit filtering and sampling: top-k, top-p (the official VAR rule), Gumbel softmax, CFG mixing.
+"""Logit filtering and sampling: top-k, top-p (the official VAR rule), Gumbel softmax.
 
-All functions are pure and jit-able; `top_k`, `top_p` and the CFG weight may be traced values, so
-changing them does not recompile a sampler.
+All functions are pure and jit-able; `top_k` and `top_p` may be traced values, so changing them
+does not recompile a sampler. Guidance lives in `arvision.sampling.guidance`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,3 @@ def gumbel_softmax(rng: jax.Array, logits: jax.Array, tau) -> jax.Array:
   g = jax.random.gumbel(rng, logits.shape, jnp.float32)
   return jax.nn.softmax((logits.astype(jnp.float32) + g) / tau, axis=-1)
 
-
-def cfg_mix(cond: jax.Array, uncond: jax.Array, t) -> jax.Array:
-  """Classifier-free guidance as in VAR: `(1 + t) * cond - t * uncond`."""
-  return (1.0 + t) * cond - t * uncond

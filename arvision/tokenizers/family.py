@@ -32,16 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from arvision.family import Family
+from arvision.ops.resize import area, bicubic
 from arvision.tokenizers import losses as L
 from arvision.tokenizers import metrics as M
 from arvision.tokenizers import quantizers as Q
 from arvision.tokenizers.autoencoder import CONV_AXES, Autoencoder
 
 TYPES = ("msvq", "vq", "kl")
-
-
-def _get(cfg, name, default):
-  return cfg[name] if name in cfg else default
 
 
 class TokenizerFamily(Family):
@@ -70,13 +67,11 @@ class TokenizerFamily(Family):
     self.latent_size = self.image_size // self.downsample
     self.embed_dim = int(m.embed_dim)
     self.z_channels = int(m.z_channels)
-    self.vocab_size = int(_get(m, "vocab_size", 0)) if self.type != "kl" else 0
-    self.patch_nums = (
-      tuple(int(p) for p in _get(m, "patch_nums", ())) if self.type == "msvq" else ()
-    )
-    self.scale_factor = float(_get(m, "scale_factor", 1.0))
-    beta = float(_get(lc, "beta", 0.25))
-    eini = float(_get(m, "eini", -1.0))
+    self.vocab_size = int(m.get("vocab_size", 0)) if self.type != "kl" else 0
+    self.patch_nums = tuple(int(p) for p in m.get("patch_nums", ())) if self.type == "msvq" else ()
+    self.scale_factor = float(m.get("scale_factor", 1.0))
+    beta = float(lc.get("beta", 0.25))
+    eini = float(m.get("eini", -1.0))
 
     if self.type == "msvq":
       if self.z_channels != self.embed_dim:
@@ -97,8 +92,8 @@ class TokenizerFamily(Family):
         self.embed_dim,
         patch_nums=self.patch_nums,
         beta=beta,
-        quant_resi=float(_get(m, "quant_resi", 0.5)),
-        share_quant_resi=int(_get(m, "share_quant_resi", 4)),
+        quant_resi=float(m.get("quant_resi", 0.5)),
+        share_quant_resi=int(m.get("share_quant_resi", 4)),
         eini=eini,
       )
     elif self.type == "vq":
@@ -106,7 +101,7 @@ class TokenizerFamily(Family):
         self.vocab_size,
         self.embed_dim,
         beta=beta,
-        l2_norm=bool(_get(m, "l2_norm", False)),
+        l2_norm=bool(m.get("l2_norm", False)),
         eini=eini,
       )
     else:
@@ -126,31 +121,29 @@ class TokenizerFamily(Family):
       num_res_blocks=int(m.num_res_blocks),
       z_channels=self.z_channels,
       using_sa=bool(m.using_sa),
-      enc_attn_resolutions=tuple(int(r) for r in _get(m, "enc_attn_resolutions", ())),
-      dec_attn_resolutions=tuple(int(r) for r in _get(m, "dec_attn_resolutions", ())),
-      mid_attn=bool(_get(m, "mid_attn", True)),
-      fused_qkv=bool(_get(m, "fused_qkv", True)),
-      dropout=float(_get(m, "dropout", 0.0)),
-      quant_conv_ks=int(_get(m, "quant_conv_ks", 3)),
+      enc_attn_resolutions=tuple(int(r) for r in m.get("enc_attn_resolutions", ())),
+      dec_attn_resolutions=tuple(int(r) for r in m.get("dec_attn_resolutions", ())),
+      mid_attn=bool(m.get("mid_attn", True)),
+      fused_qkv=bool(m.get("fused_qkv", True)),
+      dropout=float(m.get("dropout", 0.0)),
+      quant_conv_ks=int(m.get("quant_conv_ks", 3)),
       kl=self.type == "kl",
     )
 
-    self.l1_weight = float(_get(lc, "l1_weight", 1.0))
-    self.l2_weight = float(_get(lc, "l2_weight", 0.0))
-    self.quant_weight = float(_get(lc, "quant_weight", 1.0))
-    self.kl_weight = float(_get(lc, "kl_weight", 1e-6))
-    self.gan_weight = float(_get(lc, "gan_weight", 0.0))
-    self.disc_weight = float(_get(lc, "disc_weight", 1.0))
-    self.disc_start = int(_get(lc, "disc_start", 0))
-    self.perceptual_weight = float(_get(lc, "perceptual_weight", 0.0))
+    self.l1_weight = float(lc.get("l1_weight", 1.0))
+    self.l2_weight = float(lc.get("l2_weight", 0.0))
+    self.quant_weight = float(lc.get("quant_weight", 1.0))
+    self.kl_weight = float(lc.get("kl_weight", 1e-6))
+    self.gan_weight = float(lc.get("gan_weight", 0.0))
+    self.disc_weight = float(lc.get("disc_weight", 1.0))
+    self.disc_start = int(lc.get("disc_start", 0))
+    self.perceptual_weight = float(lc.get("perceptual_weight", 0.0))
     self.perceptual_fn = perceptual_fn
     # Fail at build time, not at the first traced step.
     if self.perceptual_weight > 0 and perceptual_fn is None:
       L.perceptual_loss(None, self.perceptual_weight, None, None)
     self.disc = (
-      L.NLayerDiscriminator(
-        ndf=int(_get(lc, "disc_ndf", 64)), n_layers=int(_get(lc, "disc_layers", 3))
-      )
+      L.NLayerDiscriminator(ndf=int(lc.get("disc_ndf", 64)), n_layers=int(lc.get("disc_layers", 3)))
       if self.gan_weight > 0
       else None
     )
@@ -265,6 +258,26 @@ class TokenizerFamily(Family):
     """One VAR step: (f_hat, next scale's input [B, pn', pn', C] or None after the last scale)."""
     self._need("msvq", what="next_input")
     return self._quantize(params, "next_input", si, f_hat, h_BxpnxpnxC)
+
+  def encode_idx_independent(self, params, images: jax.Array) -> list[jax.Array]:
+    """msvq, FlexVAR-style: each scale's own codes of the area-downsampled latent (no residual),
+    a list of int32 [B, pn*pn]; the last scale quantizes the full-size latent."""
+    self._need("msvq", what="encode_idx_independent")
+    f = self.encode_f(params, images).astype(jnp.float32)
+    cb = self.codebook(params)
+    out = []
+    for pn in self.patch_nums:
+      z = f if pn == f.shape[1] else area(f, (pn, pn))
+      idx = Q.nearest_code(z.reshape(-1, z.shape[-1]), cb).reshape(f.shape[0], pn * pn)
+      out.append(idx.astype(jnp.int32))
+    return out
+
+  def independent_input(self, params, h_BxpnxpnxC: jax.Array, pn_next: int) -> jax.Array:
+    """msvq, FlexVAR-style: the next scale's input, this scale's code map upsampled (bicubic,
+    as VAR upsamples) to `[B, pn_next, pn_next, C]`."""
+    del params  # a fixed resampling; tokenizers with a learned one would use their params
+    self._need("msvq", what="independent_input")
+    return bicubic(h_BxpnxpnxC.astype(jnp.float32), (pn_next, pn_next))
 
   def codebook(self, params) -> jax.Array:
     """[V, C] lookup table (l2-normalised for l2_norm VQ)."""

@@ -1,0 +1,155 @@
+"""Next-scale variant hooks, chosen by name in `config.model` (VAR and its successors).
+
+- `mask`: which earlier tokens a scale attends to. `scale_causal` (VAR: scales <= k) or
+  `block_diagonal` (Markovian variants, HMAR / M-VAR: scale k only; its input already carries
+  the previous scales, so decoding needs no KV cache).
+- `scales`: what a scale's input is. `residual` (VAR: the running sum f_hat of the upsampled
+  residual codes, read at the next scale's size) or `independent` (FlexVAR-style: each scale is
+  its own quantization of the downsampled latent; the next input is the current scale's map
+  upsampled). Both run through the tokenizer's methods (`ScaleInputs.methods`).
+- `scale_loss`: how scales weigh in the loss. `tokens` (VAR: every token 1/L, so a scale weighs
+  by its token count) or `lognormal` (HMAR-style: scale k's mean loss weighted by a log-normal
+  density at k + 1, normalised over scales).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arvision.ops import masks
+
+MASKS = {"scale_causal": masks.scale_causal, "block_diagonal": masks.block_diagonal}
+SCALE_LOSSES = ("tokens", "lognormal")
+
+
+def train_mask(name: str, lengths) -> masks.MaskSpec:
+  """The teacher-forcing mask `model.mask=name` over scales of `lengths` tokens."""
+  if name not in MASKS:
+    raise ValueError(
+      f"model.mask={name!r} is unknown for next-scale models; accepted: {list(MASKS)}"
+    )
+  return MASKS[name](lengths)
+
+
+def scale_weights(name: str, num_scales: int, mu: float = 0.0, sigma: float = 1.0) -> np.ndarray:
+  """float64 `[num_scales]` loss weight of each scale's mean token loss (sums to 1), or None for
+  `tokens` (VAR's per-token 1/L, kept as its own formula so the default loss is unchanged)."""
+  if name == "tokens":
+    return None
+  if name != "lognormal":
+    raise ValueError(f"model.scale_loss={name!r} is unknown; accepted: {list(SCALE_LOSSES)}")
+  if sigma <= 0:
+    raise ValueError(f"model.scale_loss_sigma={sigma} must be > 0")
+  k = np.arange(1, num_scales + 1, dtype=np.float64)
+  pdf = np.exp(-((np.log(k) - mu) ** 2) / (2 * sigma**2)) / (k * sigma * math.sqrt(2 * math.pi))
+  return pdf / pdf.sum()
+
+
+class ResidualScales:
+  """VAR: scale k's input is `area(f_hat_{k-1}, pn_k)`, f_hat the sum of upsampled residuals."""
+
+  name = "residual"
+  methods = ("encode_idx", "idx_to_var_input", "next_input", "decode_fhat")
+
+  def __init__(self, tokenizer, patch_nums):
+    self.tok, self.patch_nums = tokenizer, tuple(patch_nums)
+
+  def targets(self, tok_p, images):
+    return self.tok.encode_idx(tok_p, images)
+
+  def teacher(self, tok_p, idx_list, codebook):
+    del codebook
+    return self.tok.idx_to_var_input(tok_p, idx_list)
+
+  def init_state(self, batch: int, channels: int):
+    P = self.patch_nums[-1]
+    return jnp.zeros((batch, P, P, channels), jnp.float32)
+
+  def advance(self, tok_p, si: int, f_hat, h_BxpnxpnxC):
+    """`(f_hat, next input [B, pn', pn', C] or None after the last scale)`."""
+    return self.tok.next_input(tok_p, si, f_hat, h_BxpnxpnxC)
+
+  def latent(self, f_hat):
+    return f_hat
+
+
+class IndependentScales:
+  """FlexVAR-style: every scale quantizes the downsampled latent on its own; scale k + 1's input
+  is scale k's code map upsampled (`independent_input`), and the last scale is the latent."""
+
+  name = "independent"
+  methods = ("encode_idx_independent", "independent_input", "codebook", "decode_fhat")
+
+  def __init__(self, tokenizer, patch_nums):
+    self.tok, self.patch_nums = tokenizer, tuple(patch_nums)
+
+  def targets(self, tok_p, images):
+    return self.tok.encode_idx_independent(tok_p, images)
+
+  def teacher(self, tok_p, idx_list, codebook):
+    B, outs = idx_list[0].shape[0], []
+    for pn, nxt, idx in zip(self.patch_nums[:-1], self.patch_nums[1:], idx_list[:-1], strict=True):
+      h = codebook[idx].reshape(B, pn, pn, -1)
+      outs.append(self.tok.independent_input(tok_p, h, nxt).reshape(B, nxt * nxt, -1))
+    return jnp.concatenate(outs, axis=1)
+
+  def init_state(self, batch: int, channels: int):
+    del batch, channels
+    return None
+
+  def advance(self, tok_p, si: int, state, h_BxpnxpnxC):
+    del state
+    if si == len(self.patch_nums) - 1:
+      return h_BxpnxpnxC, None
+    return h_BxpnxpnxC, self.tok.independent_input(tok_p, h_BxpnxpnxC, self.patch_nums[si + 1])
+
+  def latent(self, h_last):
+    return h_last
+
+
+SCALE_INPUTS = {"residual": ResidualScales, "independent": IndependentScales}
+
+
+def scale_inputs(name: str, tokenizer, patch_nums):
+  """The `model.scales=name` strategy; a clear error when the tokenizer lacks its methods."""
+  if name not in SCALE_INPUTS:
+    raise ValueError(f"model.scales={name!r} is unknown; accepted: {list(SCALE_INPUTS)}")
+  cls = SCALE_INPUTS[name]
+  missing = [m for m in cls.methods if not hasattr(tokenizer, m)]
+  if missing:
+    raise ValueError(
+      f"model.scales={name!r} needs tokenizer methods {list(cls.methods)}; "
+      f"{type(tokenizer).__name__} lacks {missing}"
+    )
+  return cls(tokenizer, patch_nums)
+
+
+def check_sample_schedule(patch_nums, sample_patch_nums, per_scale_tables: str | None):
+  """The sampling scale schedule: `sample_patch_nums` (empty = the training one).
+
+  A model whose parameters have one entry per training scale (`per_scale_tables` names them)
+  cannot sample another schedule; a model without such tables may (scale inputs permitting).
+  """
+  patch_nums = tuple(int(p) for p in patch_nums)
+  sample = tuple(int(p) for p in sample_patch_nums) or patch_nums
+  if sample != patch_nums and per_scale_tables:
+    raise ValueError(
+      f"model.sample_patch_nums={sample} differs from the training patch_nums={patch_nums}, but "
+      f"this model has per-scale tables ({per_scale_tables}) sized by the training schedule; "
+      "leave sample_patch_nums empty"
+    )
+  if list(sample) != sorted(set(sample)) or sample[-1] != patch_nums[-1]:
+    raise ValueError(
+      f"model.sample_patch_nums={sample} must increase strictly and end at the latent side "
+      f"{patch_nums[-1]}"
+    )
+  return sample
+
+
+def scale_mean(x_BxL: jax.Array, bounds) -> jax.Array:
+  """`[B, num_scales]` mean of `x` over each scale's tokens."""
+  return jnp.stack([jnp.mean(x_BxL[:, b:e], axis=1) for b, e in bounds], axis=1)
