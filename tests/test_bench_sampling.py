@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load_bench():
-  path = os.path.join(ROOT, "experiments", "bench_sampling.py")
-  spec = importlib.util.spec_from_file_location("bench_sampling", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+@pytest.fixture(scope="module")
+def bench(experiment):
+  return experiment("bench_sampling")
 
 
 @pytest.fixture(scope="module")
-def bench():
-  return _load_bench()
-
-
-@pytest.fixture(scope="module")
-def smoke(bench):
+def var_smoke(bench):
   return bench.build("configs/var.py:smoke", seed=0)
 
 
-def test_recompute_matches_kv_cache_tokens(bench, smoke):
+def test_recompute_matches_kv_cache_tokens(bench, var_smoke):
   """Recomputing the prefix must sample exactly what the KV-cache sampler samples."""
-  _, fam, params = smoke
+  _, fam, params = var_smoke
   fns = bench.samplers(fam)
   labels = jnp.asarray([0, 3, 5], jnp.int32)
   rng = jax.random.key(7)
@@ -60,9 +48,9 @@ def test_recompute_matches_kv_cache_tokens(bench, smoke):
   assert other < 0.9, other
 
 
-def test_bf16_compute_changes_math_not_answers(bench, smoke):
+def test_bf16_compute_changes_math_not_answers(bench, var_smoke):
   """`--dtype bfloat16` must actually compute the transformer in bf16 (not silently f32)."""
-  _, fam, params = smoke
+  _, fam, params = var_smoke
   labels = jnp.asarray([1, 2], jnp.int32)
   teacher = jax.random.normal(
     jax.random.key(0), (2, fam.seq_len - fam.lengths[0], fam.module.cvae), jnp.float32

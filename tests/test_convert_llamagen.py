@@ -41,14 +41,10 @@ def _count(table, skip=()):
   return sum(int(np.prod(s)) for k, s in table.items() if k not in skip)
 
 
-def _small():
-  import importlib.util
-
-  path = os.path.join(os.path.dirname(HERE), "experiments", "parity_llamagen_official.py")
-  spec = importlib.util.spec_from_file_location("parity_llamagen", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.small_configs
+@pytest.fixture(scope="module")
+def small_configs(experiment):
+  """The parity script's small LlamaGen configs (the shapes of `vq_small` / `gpt_small`)."""
+  return experiment("parity_llamagen_official").small_configs
 
 
 def test_full_vq_checkpoint_maps_every_key():
@@ -65,8 +61,7 @@ def test_full_gpt_checkpoints_map_every_key(name):
   assert _n(cl.convert_gpt(sd, config)) == _count(TABLES[f"gpt_{name}"])
 
 
-def test_layouts_and_gqa():
-  small_configs = _small()
+def test_layouts_and_gqa(small_configs):
   sd = _random_sd(TABLES["vq_small"], 1)
   cfg = small_configs()
   ae = cl.convert_vq(sd, cfg.tokenizer.config)[0]["ae"]
@@ -97,8 +92,7 @@ def test_layouts_and_gqa():
     )
 
 
-def test_round_trip_and_skipped_buffers():
-  small_configs = _small()
+def test_round_trip_and_skipped_buffers(small_configs):
   sd = _random_sd(TABLES["gpt_small"], 3)
   extra = {
     "freqs_cis": np.zeros((17, 8, 2), np.float32),
@@ -111,8 +105,7 @@ def test_round_trip_and_skipped_buffers():
     np.testing.assert_array_equal(v, sd[k], err_msg=k)
 
 
-def test_errors_name_the_key():
-  small_configs = _small()
+def test_errors_name_the_key(small_configs):
   sd = _random_sd(TABLES["gpt_small"], 4)
   config = small_configs()
   with pytest.raises(ValueError, match="layers.0.attention.extra"):
@@ -129,9 +122,8 @@ def test_errors_name_the_key():
     cl.gpt_config(_zeros_sd(TABLES["vq_small"]))
 
 
-def test_checkpoint_layouts_and_export_loads_and_samples(tmp_path):
+def test_checkpoint_layouts_and_export_loads_and_samples(tmp_path, small_configs):
   torch = pytest.importorskip("torch")
-  small_configs = _small()
   sd_vq = {k: torch.from_numpy(v) for k, v in _random_sd(TABLES["vq_small"], 5).items()}
   sd = {k: torch.from_numpy(v) for k, v in _random_sd(TABLES["gpt_small"], 6).items()}
   for i, wrapped in enumerate(({"model": sd}, {"module": sd}, {"state_dict": sd}, sd)):

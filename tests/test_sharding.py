@@ -1,6 +1,7 @@
-"""Sharding strategies: rules tables, divisibility fallback, annotations of every family, and (on 8
-host devices, one subprocess) equal loss/gradients across dp/fsdp/hsdp/tp/fsdp_tp, the real param
-layouts, applied activation constraints, and a checkpoint saved under fsdp resumed under tp.
+"""Sharding strategies: rules tables, divisibility fallback, and (on 8 host devices, one
+subprocess) equal loss/gradients across dp/fsdp/hsdp/tp/fsdp_tp, the real param layouts, applied
+activation constraints, and a checkpoint saved under fsdp resumed under tp. Every family's logical
+axis names: tests/test_family_contract.py.
 
 Tolerances (fp32, CPU): loss rtol 1e-5; gradients rtol 1e-4 with atol 1e-6 (cross-device
 reductions reorder the sums).
@@ -11,14 +12,10 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
-import jax
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from arvision import data, families
-from arvision.config_util import load_config_file
 from arvision.parallel import logical as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,36 +75,6 @@ def test_divisibility_fallback_replicates_or_moves():
   assert R.spec((), (4, 4), tp, mesh) == P()
   with pytest.raises(ValueError, match="more entries"):
     R.spec(("embed", "mlp"), (4,), fsdp, mesh)
-
-
-def _family_config(name):
-  spec = os.path.join(ROOT, "configs", f"{name}.py")
-  assert os.path.exists(spec), f"family {name!r} is registered but configs/{name}.py is missing"
-  return load_config_file(spec + ":smoke")
-
-
-@pytest.mark.parametrize("name", sorted(families.FAMILIES))
-def test_every_param_of_every_family_is_annotated(name):
-  config = _family_config(name)
-  tokenizer = None
-  if families.needs_tokenizer(config):
-    tokenizer = families.build(config.tokenizer.config)
-  family = families.build(config, tokenizer=tokenizer)
-  example = data.input_spec(config.data, 2)
-  boxed = jax.eval_shape(family.init_annotated, jax.random.key(0), example)
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=is_box)
-  assert leaves
-  for path, leaf in leaves:
-    key = jax.tree_util.keystr(path)
-    assert is_box(leaf), f"{name}: param {key} has no logical axis names"
-    names = tuple(leaf.names)
-    assert len(names) == leaf.value.ndim, f"{name}: {key} names {names} vs {leaf.value.shape}"
-    bad = [n for n in names if n is not None and n not in R.LOGICAL_AXES]
-    assert not bad, f"{name}: {key} uses unknown logical names {bad}"
-  # `init` returns the same tree unboxed (what checkpoints and converters see).
-  plain = jax.eval_shape(family.init, jax.random.key(0), example)
-  assert jax.tree.structure(plain) == jax.tree.structure(nn.unbox(boxed))
 
 
 _SCRIPT = textwrap.dedent(

@@ -14,20 +14,6 @@ import pytest
 from arvision import checkpoint, metrics_writer, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import toy_family  # noqa: E402
-
-
-def _config(**kw):
-  c = toy_family.get_config()
-  for k, v in kw.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  c.lock()
-  return c
 
 
 def _losses(workdir):
@@ -39,9 +25,9 @@ def _params(workdir):
   return checkpoint.load_params(workdir)["params"]
 
 
-def test_train_writes_metrics_checkpoints_and_eval(tmp_path):
+def test_train_writes_metrics_checkpoints_and_eval(tmp_path, toy_config):
   wd = str(tmp_path / "run")
-  out = train.train(_config(), wd)
+  out = train.train(toy_config(), wd)
   assert sorted(_losses(wd)) == [1, 2, 3, 4, 5, 6]
   assert checkpoint.Checkpointer(wd).latest_step() == 6
   assert os.path.exists(os.path.join(wd, "config.json"))
@@ -52,22 +38,22 @@ def test_train_writes_metrics_checkpoints_and_eval(tmp_path):
   assert out["accuracy"] == rec["metrics"]["accuracy"]
 
 
-def test_interrupted_then_resumed_matches_uninterrupted(tmp_path):
+def test_interrupted_then_resumed_matches_uninterrupted(tmp_path, toy_config):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  train.train(_config(), a)
-  train.train(_config(), b, stop_after=3)
+  train.train(toy_config(), a)
+  train.train(toy_config(), b, stop_after=3)
   assert sorted(_losses(b)) == [1, 2, 3]
-  train.train(_config(), b)  # same command again: resumes at step 3
+  train.train(toy_config(), b)  # same command again: resumes at step 3
   la, lb = _losses(a), _losses(b)
   assert sorted(lb) == [1, 2, 3, 4, 5, 6]  # steps continue, never restart
   np.testing.assert_array_equal([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)])
   jax.tree.map(np.testing.assert_array_equal, _params(a), _params(b))
 
 
-def test_larger_total_steps_continues(tmp_path):
+def test_larger_total_steps_continues(tmp_path, toy_config):
   wd = str(tmp_path / "run")
-  train.train(_config(), wd)
-  train.train(_config(total_steps=8), wd)
+  train.train(toy_config(), wd)
+  train.train(toy_config(total_steps=8), wd)
   steps = [
     r["step"]
     for r in metrics_writer.read_jsonl(os.path.join(wd, "metrics.jsonl"))
@@ -76,26 +62,26 @@ def test_larger_total_steps_continues(tmp_path):
   assert steps == sorted(steps) and steps[-2:] == [7, 8] and len(steps) == len(set(steps))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_config):
   wd = str(tmp_path / "run")
   with pytest.raises(train.NonFiniteLossError, match="step 5.*last good checkpoint \\(step 4\\)"):
-    train.train(_config(**{"model.nan_at_step": 4, "checkpoint_every": 2}), wd)
+    train.train(toy_config(**{"model.nan_at_step": 4, "checkpoint_every": 2}), wd)
   assert checkpoint.Checkpointer(wd).latest_step() == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(wd)))
 
 
-def test_changed_model_config_is_refused(tmp_path):
+def test_changed_model_config_is_refused(tmp_path, toy_config):
   wd = str(tmp_path / "run")
-  train.train(_config(), wd)
+  train.train(toy_config(), wd)
   before = sorted(os.listdir(os.path.join(wd, "checkpoints")))
   with pytest.raises(ValueError, match="data.image_size"):
-    train.train(_config(**{"data.image_size": 16}), wd)
+    train.train(toy_config(**{"data.image_size": 16}), wd)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == before
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_cleanly(tmp_path, toy_family_path):
   wd = str(tmp_path / "run")
-  cfg = os.path.join(HERE, "toy_family.py")
+  cfg = toy_family_path
   env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.Popen(
     [

@@ -2,14 +2,13 @@
 
 import jax
 import numpy as np
-from test_var import make_family, make_params, random_images  # shared helpers
 
 
-def test_var_loss_and_grads_match_between_xla_and_pallas():
-  fam_x, tok = make_family(attn_impl="xla")
-  fam_p, _ = make_family(tok=tok, attn_impl="pallas")  # Pallas interpret mode on CPU
-  params = make_params(fam_x, tok)
-  batch = {"image": random_images(0, 2, tok), "label": np.array([1, 3], np.int32)}
+def test_var_loss_and_grads_match_between_xla_and_pallas(var_kit):
+  fam_x, tok = var_kit.make_family(attn_impl="xla")
+  fam_p, _ = var_kit.make_family(tok=tok, attn_impl="pallas")  # Pallas interpret mode on CPU
+  params = var_kit.make_params(fam_x, tok)
+  batch = {"image": var_kit.random_images(0, 2, tok), "label": np.array([1, 3], np.int32)}
 
   def loss_and_grad(fam):
     def f(p):
