@@ -16,6 +16,7 @@ than the files) and a `CheckpointError` lists what was tried. `verify` reads eve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -151,18 +152,25 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
       ),
     )
-    self._saved = None  # the newest step this process started saving
+    self._failed = False  # a save failed and was reported
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def _save_failed(self, step, e: OSError) -> errors.CheckpointError:
-    kept = [s for s in committed_steps(self.directory) if s != step]
-    hint = " Free some space, then" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+  def _save_failed(self, e: BaseException) -> errors.CheckpointError | None:
+    """A `CheckpointError` when `e` is a storage failure (disk full, permissions, ...), else None
+    (a bug: it keeps its traceback). Async saves report a failure at the next save or wait, so
+    the message does not name a step; the reason names the file."""
+    if not _is_storage_error(e):
+      return None
+    self._failed = True
+    kept = committed_steps(self.directory)
+    full = any(m in str(x) for x in _chain(e) for m in ("No space left", "Disk quota"))
+    full = full or any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in _chain(e))
     return errors.CheckpointError(
-      f"saving checkpoint step {step} to {self.directory} failed ({_reason(e)}); the newest "
-      f"complete step ({kept[-1] if kept else 'none'}) is kept.{hint} rerun the same command "
-      "to resume from it"
+      f"saving a checkpoint to {self.directory} failed ({_reason(e)}); the newest complete step "
+      f"({kept[-1] if kept else 'none'}) is kept.{' Free some space, then' if full else ''} "
+      "rerun the same command to resume from it"
     )
 
   def save(self, step: int, state, config, data_iter=None) -> None:
@@ -175,9 +183,10 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-    except OSError as e:  # the previous async save may surface here too
-      raise self._save_failed(step, e) from e
-    self._saved = step
+    except Exception as e:  # the previous async save's failure surfaces here too
+      if (failed := self._save_failed(e)) is None:
+        raise
+      raise failed from e
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
     """Restores `state` onto the shardings of `abstract_state` (and the iterator in place).
@@ -206,14 +215,35 @@ class Checkpointer:
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
-    except OSError as e:
-      raise self._save_failed(self._saved, e) from e
+    except Exception as e:
+      if (failed := self._save_failed(e)) is None:
+        raise
+      raise failed from e
 
   def close(self) -> None:
+    if self._failed:  # already reported; do not bury that error under the same one
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      return
     try:
       self.wait()
     finally:
       self.manager.close()
+
+
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _is_storage_error(e: BaseException) -> bool:
+  """An OSError anywhere in the chain, or TensorStore's report of one (a ValueError whose text
+  carries `os_error_code` or a status such as RESOURCE_EXHAUSTED, as TensorStore 0.1 writes)."""
+  marks = ("os_error_code", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left")
+  return any(isinstance(x, OSError) or any(m in str(x) for m in marks) for x in _chain(e))
 
 
 def read_config(path: str, step: int | None = None):

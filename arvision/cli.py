@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import ast
 import difflib
+import errno
 import os
 import sys
 import traceback
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -224,6 +226,14 @@ def main(argv):
     commands[_COMMAND]()
   except errors.UserError as e:
     _fail(e)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raise
+    # Storage trouble outside a checkpoint save (metrics, eval outputs): the user can fix it.
+    _fail(
+      f"{e}; free some space (or fix the filesystem) and rerun the same command: the run "
+      "resumes from its newest complete checkpoint",
+    )
 
 
 def _verbose(argv=None) -> bool:
@@ -234,7 +244,7 @@ def _verbose(argv=None) -> bool:
   return _VERBOSE.value
 
 
-def _fail(e: Exception, argv=None):
+def _fail(e: Exception | str, argv=None):
   """A user error: one line on stderr, exit status 2 (with the traceback under --verbose)."""
   if _verbose(argv):
     traceback.print_exc()
@@ -318,7 +328,13 @@ class _QuietLibraries:
     import logging as std_logging
 
     noisy = ("orbax", "tensorflow_datasets", "grain", "etils")
-    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+    if not any(n in record.pathname for n in noisy):
+      return True
+    if record.exc_info and not _verbose():
+      # Orbax logs a failed background save with its traceback; arvision reports the failure
+      # as one line (`checkpoint.Checkpointer`), so keep only the library's message line.
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def run():
@@ -327,6 +343,8 @@ def run():
     print(f"usage: arvision {{{'|'.join(COMMANDS)}}} [flags]\n\n{__doc__}", file=sys.stderr)
     sys.exit(2)
   _COMMAND = sys.argv[1]
+  # Orbax leaves an un-awaited coroutine behind when a save fails; the failure is reported.
+  warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main, argv=[f"arvision {_COMMAND}"] + sys.argv[2:], flags_parser=_parse_flags)

@@ -382,6 +382,7 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
     mininterval=0.5 if sys.stderr.isatty() else 30,
   )  # keep CI logs short
   eval_metrics = {}
+  failing = False
   try:
     with _Preemption() as preempt:
       for step in range(start, total):
@@ -413,10 +414,15 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
       if last_saved != total and start < total:
         save(total)
       last_good = total
+  except BaseException:
+    failing = True
+    raise
   finally:
     bar.close()
     ckpt.close()
-    writer.flush()
+    # A full disk fails the metrics flush too; the error already propagating says more.
+    with contextlib.suppress(OSError) if failing else contextlib.nullcontext():
+      writer.flush()
   if last_good is not None and start < total:
     eval_metrics = evaluate.run(
       family, _eval_params(state), config, workdir, step=total, writer=writer

@@ -423,30 +423,55 @@ def test_sigkill_then_resume(tmp_path, caplog):
 
 
 def test_disk_full_during_save(toy_run, tmp_path):
-  """The save of step 8 fails with ENOSPC (a failing writer): one line, step 6 kept and used."""
-  wd = _copy(toy_run, tmp_path)
+  """The save of step 8 fails for a full disk, as a failing writer would: an OSError(ENOSPC)
+  from the save call, or (async saves) TensorStore's report of one at the next wait, in the
+  form TensorStore 0.1.86 gives it on a full tmpfs. One line; step 6 is kept and resumes."""
   real_save = checkpoint.ocp.CheckpointManager.save
-
-  def full_disk(self, step, *a, **kw):
-    if step == 8:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(self.directory, "8"))
-    return real_save(self, step, *a, **kw)
-
-  with mock.patch.object(checkpoint.ocp.CheckpointManager, "save", full_disk):
-    code, _, err = _cli("train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=10")
-  _one_line_error(
-    code,
-    err,
-    "train",
-    r"saving checkpoint step 8 .*No space left on device.*newest complete step \(6\) is kept",
-    r"Free some space",
-  )
-  assert checkpoint.committed_steps(wd) == [2, 4, 6]
-  assert not os.path.exists(os.path.join(wd, LOCK_NAME))
-  train.train(_config(total_steps=10), wd)  # space is back: resumes from step 6
+  real_wait = checkpoint.ocp.CheckpointManager.wait_until_finished
   clean = str(tmp_path / "clean")
   train.train(_config(total_steps=10), clean)
-  _same_params(_params(clean), _params(wd))
+  for mode in ("sync", "async"):
+    wd = _copy(toy_run, tmp_path, mode)
+    failed = []
+
+    def full_disk(self, step, *a, mode=mode, failed=failed, **kw):
+      if step != 8:
+        return real_save(self, step, *a, **kw)
+      tmp = os.path.join(self.directory, "8.orbax-checkpoint-tmp")
+      if mode == "sync":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+      failed.append(
+        ValueError(
+          f'RESOURCE_EXHAUSTED: Failed writing: "{tmp}/state/d/0": Failed to write 1582 bytes '
+          "to file 9: No space left on device [os_error_code='28']"
+        )
+      )
+      return True
+
+    def wait(self, failed=failed):
+      if failed:
+        raise failed.pop()
+      return real_wait(self)
+
+    with (
+      mock.patch.object(checkpoint.ocp.CheckpointManager, "save", full_disk),
+      mock.patch.object(checkpoint.ocp.CheckpointManager, "wait_until_finished", wait),
+    ):
+      code, _, err = _cli(
+        "train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=10"
+      )
+    _one_line_error(
+      code,
+      err,
+      "train",
+      r"saving a checkpoint to .* failed \(.*No space left on device.*newest complete step "
+      r"\(6\) is kept",
+      r"Free some space, then rerun the same command",
+    )
+    assert checkpoint.committed_steps(wd) == [2, 4, 6], mode
+    assert not os.path.exists(os.path.join(wd, LOCK_NAME))
+    train.train(_config(total_steps=10), wd)  # space is back: resumes from step 6
+    _same_params(_params(clean), _params(wd))
 
 
 # --------------------------------------------------------------------------------------------
