@@ -378,9 +378,84 @@ def test_cudnn_matches_xla_on_gpu():
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   q, k, v = _qkv(2, 128, 128, 4, 2, 64, dtype=jnp.bfloat16, seed=12)
-  for spec in (masks.full(), masks.causal()):
+  kv_len = jnp.asarray([128, 77])
+  for spec in (masks.full(), masks.causal(), masks.key_length(kv_len)):
     assert choose_impl(q, k, v, mask=spec) == "cudnn"
     got = attention(q, k, v, mask=spec, impl="cudnn")
     want = attention(q, k, v, mask=spec, impl="xla")
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- key_length
+
+
+@pytest.mark.parametrize("base", [None, ("causal", None), ("scale_causal", (1, 4, 9, 16))])
+def test_key_length_dense_and_ranges_match_definition(base):
+  kv_len = np.array([30, 7, 1])
+  spec = masks.key_length(kv_len, None if base is None else _make(base))
+  base = base or ("full", None)
+  want = np.array(
+    [[[_sees(base, i, j) and j < n for j in range(30)] for i in range(30)] for n in kv_len.tolist()]
+  )
+  dense = np.asarray(spec.dense(30, 30))
+  assert dense.shape == (3, 30, 30)
+  np.testing.assert_array_equal(dense, want)
+  start, end = spec.kv_range(np.arange(30), 30)
+  cols = np.arange(30)[None, None, :]
+  np.testing.assert_array_equal((cols >= start[..., None]) & (cols < end[..., None]), want)
+  traced = jax.jit(
+    lambda n: masks.key_length(n, spec.base).allowed(np.arange(30)[:, None], np.arange(30)[None])
+  )(kv_len)
+  np.testing.assert_array_equal(traced, want)
+  assert spec.density(30, 30) == pytest.approx(want.mean())
+  seg = np.asarray(spec.segment_id(np.arange(30)))
+  assert seg.shape == (3, 30) and (seg[1, 7:] == -1).all() and (seg[1, :7] >= 0).all()
+
+
+def test_key_length_attention_matches_naive_jax_and_grads():
+  b, l, h, d = 3, 20, 4, 8
+  q, k, v = _qkv(b, l, l, h, 2, d, seed=21)
+  kv_len = jnp.asarray([20, 9, 1])
+  f = jax.jit(lambda q, k, v, n: attention(q, k, v, mask=masks.key_length(n), impl="xla"))
+  got = np.asarray(f(q, k, v, kv_len))
+  for i, n in enumerate(kv_len.tolist()):  # each example alone, its padding keys cut off
+    want = _naive_attention(
+      q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], ("full", None), d**-0.5
+    )
+    np.testing.assert_allclose(got[i : i + 1], want, atol=1e-5)
+  # jax's own padding attention: the same float ops (MAR's numbers before it used this dispatch)
+  kr, vr = (jnp.repeat(t, 2, axis=2) for t in (k, v))
+  jax_ref = jax.jit(
+    lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n)
+  )
+  np.testing.assert_array_equal(f(q, kr, vr, kv_len), jax_ref(q, kr, vr, kv_len))
+  g = jax.grad(lambda k: jnp.sum(f(q, k, v, kv_len) ** 2))(k)
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[1, 9:] == 0) and np.any(g[1, :9] != 0)
+  # a row that sees no key (kv_len 0) gives zeros with finite gradients
+  z = jnp.asarray([20, 0, 3])
+  out = f(q, k, v, z)
+  assert np.all(np.asarray(out)[1] == 0)
+  assert np.all(np.isfinite(jax.grad(lambda q: jnp.sum(f(q, k, v, z) ** 2))(q)))
+
+
+def test_key_length_dispatch_and_errors():
+  q, k, v = _qkv(2, 8, 8, 2, 2, 8, seed=22)
+  spec = masks.key_length(jnp.asarray([8, 3]))
+  assert choose_impl(q, k, v, mask=spec) == "xla" or jax.default_backend() == "gpu"
+  for impl in ("pallas", "splash"):
+    assert "key_length" in unsupported_reason(impl, q, k, v, mask=spec)
+    with pytest.raises(ValueError, match="key_length"):
+      attention(q, k, v, mask=spec, impl=impl)
+  qb, kb, vb = (t.astype(jnp.bfloat16) for t in (q, k, v))
+  reason = unsupported_reason(
+    "cudnn", qb, kb, vb, mask=masks.key_length(jnp.asarray([8, 3]), masks.scale_causal((4, 4)))
+  )
+  assert "cudnn supports full and causal" in reason
+  with pytest.raises(ValueError, match=r"kv_len must be \[B=2\]"):
+    attention(q, k, v, mask=masks.key_length(jnp.asarray([8, 3, 1])), impl="xla")
+  with pytest.raises(ValueError, match="int dtype"):
+    masks.key_length(jnp.asarray([1.0, 2.0]))
+  with pytest.raises(ValueError, match="base"):
+    masks.key_length(jnp.asarray([1]), spec)
+  assert spec == spec and spec != masks.key_length(spec.kv_len) and hash(spec) == hash(spec)

@@ -7,9 +7,10 @@ diffusion MLP (`arvision.models.heads.DiffusionHead`, the official `DiffLoss`).
 Static shapes. The official encoder gathers the unmasked tokens (`x[(1 - mask).nonzero()]`), whose
 number is data dependent (a random mask rate per batch in training; the step in sampling). Here the
 kept tokens (buffer first, then unmasked ones in position order, as the official gather) are moved
-to the front of a fixed-capacity sequence, the rest is padding that no query attends to
-(`key_value_seq_lengths`), and the decoder scatters the outputs back. The capacity is
-`buffer + L - floor(L * mask_ratio_min)` in training and `buffer + L` in sampling; padding changes
+to the front of a fixed-capacity sequence, the rest is padding that no query attends to (the
+`ops.masks.key_length` spec, through `ops.attention` like every model), and the decoder scatters
+the outputs back. The capacity is `buffer + L - floor(L * mask_ratio_min)` in training and
+`buffer + L` in sampling; padding changes
 no output (tests/test_mar.py checks this and that masked tokens get no gradient via the encoder).
 
 Sampling runs the official `sample_tokens` schedule inside one jitted function: the per-step mask
@@ -129,12 +130,9 @@ class Attention(nn.Module):
     hd = C // H
     qkv = _dense(3 * C, ("embed", "heads"), "qkv")(x_BxLxC).reshape(B, L, 3, H, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if kv_len is None:
-      out = attention(q, k, v, mask=masks.full(), impl=self.attn_impl)
-    else:
-      # Keys past `kv_len` are padding. `ops.attention` has no per-example key mask, so this one
-      # call uses jax's own SDPA, whose `key_value_seq_lengths` is a padding mask (cuDNN on GPU).
-      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len)
+    # Keys past `kv_len` (the encoder's padding after the kept tokens) are hidden per example.
+    mask = masks.full() if kv_len is None else masks.key_length(kv_len)
+    out = attention(q, k, v, mask=mask, impl=self.attn_impl)
     return _dense(C, ("heads", "embed"), "proj")(out.reshape(B, L, C))
 
 

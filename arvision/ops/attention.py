@@ -5,7 +5,8 @@
 - `"xla"`: the dense reference. einsum, the spec's dense boolean mask, float32 softmax. Supports
   every spec, dtype and backend; every kernel is tested against it (forward and gradients).
 - `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")`, only where the spec needs no
-  dense bias (`full`, or `causal` with aligned queries and keys), in bf16/fp16 on a GPU.
+  dense bias (`full`, or `causal` with aligned queries and keys, either with per-example key
+  padding `key_length`), in bf16/fp16 on a GPU.
 - `"pallas"`: the block-sparse scale-wise Pallas kernel (`arvision.kernels.scalewise`): tile
   skipping from the spec, Triton on GPU, Pallas interpret mode on CPU (correct, not fast).
 - `"splash"`: splash attention with a computable mask from the spec (TPU; interpret mode on CPU).
@@ -36,14 +37,15 @@ _CUDNN_MAX_HEAD_DIM = 256
 SUPPORTS = {
   "xla": "every mask spec, any float dtype, any backend (dense [Lq, Lk] mask; the reference)",
   "cudnn": (
-    "masks full, and causal with Lq == Lk and q_offset == 0; bf16/fp16 q, k, v of one dtype; "
+    "masks full, and causal with Lq == Lk and q_offset == 0, each optionally inside key_length; "
+    "bf16/fp16 q, k, v of one dtype; "
     f"head dim a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, equal for q and v; GPU backend"
   ),
   "pallas": (
-    "every mask spec; static int q_offset; float dtypes; GPU (Triton; head dim <= 256) or CPU "
+    "every structural mask spec (not key_length); static int q_offset; float dtypes; GPU (Triton; head dim <= 256) or CPU "
     "(interpret mode)"
   ),
-  "splash": "every mask spec; static int q_offset; float dtypes; TPU or CPU (interpret mode)",
+  "splash": "every structural mask spec (not key_length); static int q_offset; float dtypes; TPU or CPU (interpret mode)",
 }
 
 
@@ -51,7 +53,8 @@ def _check_inputs(q, k, v, mask, scale):
   if not isinstance(mask, masks_lib.MaskSpec):
     raise ValueError(
       f"attention: mask must be a MaskSpec from arvision.ops.masks (full(), causal(), "
-      f"scale_causal(lengths), block_diagonal(lengths), chunk_causal(chunk)), got {mask!r}"
+      f"scale_causal(lengths), block_diagonal(lengths), chunk_causal(chunk), "
+      f"key_length(kv_len, base)), got {mask!r}"
     )
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.ndim != 4:
@@ -69,6 +72,11 @@ def _check_inputs(q, k, v, mask, scale):
   if hkv < 1 or h % hkv:
     raise ValueError(
       f"attention: kv heads ({hkv}) must divide query heads ({h}) for grouped-query attention"
+    )
+  if isinstance(mask, masks_lib.KeyLength) and mask.kv_len.shape != (b,):
+    raise ValueError(
+      f"attention: key_length kv_len must be [B={b}] (one length per example), got "
+      f"{mask.kv_len.shape}"
     )
   if scale is not None and not isinstance(scale, (int, float, np.floating, jax.Array)):
     raise ValueError(f"attention: scale must be a float or None (1/sqrt(D)), got {scale!r}")
@@ -98,9 +106,13 @@ def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
   if impl == "xla":
     return None
   if impl in ("pallas", "splash"):
+    if isinstance(mask, masks_lib.KeyLength):
+      return f"{impl} has no per-example key lengths (key_length); its tile tables are one per call"
     return _kernel_unsupported_reason(impl, q, q_offset)
   if impl != "cudnn":
     raise ValueError(f"attention: impl must be one of {IMPLS[1:]}, got {impl!r}")
+  if isinstance(mask, masks_lib.KeyLength):
+    mask = mask.base  # cuDNN takes the lengths as `key_value_seq_lengths`
   if not isinstance(mask, (masks_lib.Full, masks_lib.Causal)):
     return (
       f"mask {mask!r} needs a dense bias in cuDNN (no tile skipping); cudnn supports full and "
@@ -207,8 +219,16 @@ def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=No
         f"attention: impl='cudnn' does not support this call: {reason}. "
         f"impl='xla' supports every mask; 'auto' picks a supported impl."
       )
+    kv_len = mask.kv_len if isinstance(mask, masks_lib.KeyLength) else None
+    base = mask.base if kv_len is not None else mask
     return jax.nn.dot_product_attention(
-      q, k, v, scale=scale, is_causal=isinstance(mask, masks_lib.Causal), implementation="cudnn"
+      q,
+      k,
+      v,
+      scale=scale,
+      is_causal=isinstance(base, masks_lib.Causal),
+      key_value_seq_lengths=kv_len,
+      implementation="cudnn",
     ).astype(q.dtype)
   raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
 
@@ -226,6 +246,33 @@ def _xla_attention(q, k, v, mask, scale, q_offset):
   )
   logits = logits * jnp.float32(scale)
   allowed_QxK = jnp.asarray(mask.dense(lq, lk, q_offset))
+  if allowed_QxK.ndim == 3:  # per-example (key_length): [B, Q, K] -> [B, 1, 1, Q, K]
+    allowed_QxK = allowed_QxK[:, None, None]
+  if isinstance(mask, masks_lib.KeyLength):
+    probs = _padded_softmax(logits, allowed_QxK)
+  else:
+    probs = _masked_softmax(logits, allowed_QxK)
+  # Probabilities meet v in v's dtype with float32 accumulation, like torch's and jax's references.
+  hv = jax.lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
+  out = jnp.einsum(
+    "bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, precision=hv, preferred_element_type=jnp.float32
+  )
+  return out.reshape(b, lq, h, dv).astype(q.dtype)
+
+
+def _padded_softmax(logits, allowed):
+  """Key padding the way `jax.nn.dot_product_attention(key_value_seq_lengths=...)` does it (a
+  finite large negative, then `jax.nn.softmax`): MAR's encoder ran on that before it came through
+  this dispatch, and the same float ops keep its losses and samples bit-identical (our own
+  softmax below differs from it in the last bit after XLA's fusion). Rows without a visible key
+  give zeros, as everywhere in this module."""
+  big_negative = jnp.float32(-0.7 * np.finfo(np.float32).max)
+  probs = jax.nn.softmax(jnp.where(allowed, logits, big_negative), axis=-1)
+  return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+
+
+def _masked_softmax(logits, allowed_QxK):
+  """float32 softmax over the visible keys; a row without one gives zeros (finite gradients)."""
   # Masked logits become -inf *before* exp (not a where after it): exp never sees a large masked
   # logit, so neither the forward nor the gradient can produce inf * 0 = NaN.
   masked = jnp.where(allowed_QxK, logits, -jnp.inf)
@@ -234,10 +281,4 @@ def _xla_attention(q, k, v, mask, scale, q_offset):
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   probs = jnp.exp(masked - row_max)
   denom = jnp.sum(probs, axis=-1, keepdims=True)
-  probs = probs / jnp.where(denom > 0, denom, 1.0)
-  # Probabilities meet v in v's dtype with float32 accumulation, like torch's and jax's references.
-  hv = jax.lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
-  out = jnp.einsum(
-    "bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, precision=hv, preferred_element_type=jnp.float32
-  )
-  return out.reshape(b, lq, h, dv).astype(q.dtype)
+  return probs / jnp.where(denom > 0, denom, 1.0)

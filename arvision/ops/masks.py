@@ -15,6 +15,9 @@ questions:
 Positions are absolute positions in the full sequence. In cached decoding the queries are positions
 `q_offset .. q_offset + q_len - 1` and the keys are positions `0 .. kv_len - 1`.
 
+`key_length(kv_len, base)` adds per-example key padding to a structural spec; it is the one spec
+that holds data (an int `[B]` array) and answers with a leading batch axis.
+
 For segment specs (`scale_causal`, `block_diagonal`) positions past `sum(lengths)` are padding:
 they form one extra segment with id `len(lengths)`, so real queries never see padding keys (kernels
 pad L = 680 to 768 this way) while padded query rows stay well defined and are dropped.
@@ -247,6 +250,70 @@ class ChunkCausal(MaskSpec):
     return q_idx * 0, _min((q_idx // self.chunk + 1) * self.chunk, kv_len)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeyLength(MaskSpec):
+  """`base`, and each example's keys at positions `>= kv_len[b]` hidden (key padding; MAR's
+  encoder over a variable number of kept tokens).
+
+  The only spec that carries data: `kv_len` is an int `[B]` array (traced under jit), so answers
+  gain a leading batch axis (`allowed`, `kv_range`, `segment_id`: `[B, ...]`; `dense`:
+  `[B, q_len, kv_len]`). It is hashable by identity (`eq=False`), never by its lengths; build it
+  inside the traced function, not as a static argument.
+  """
+
+  kv_len: Any
+  base: MaskSpec = Full()
+  kind = "key_length"
+
+  def __post_init__(self):
+    if isinstance(self.base, KeyLength) or not isinstance(self.base, MaskSpec):
+      raise ValueError(f"key_length: base must be a structural MaskSpec, got {self.base!r}")
+    kv_len = self.kv_len
+    if not hasattr(kv_len, "ndim") or kv_len.ndim != 1:
+      raise ValueError(f"key_length: kv_len must be an int array [B], got {kv_len!r}")
+    if not jnp.issubdtype(kv_len.dtype, jnp.integer):
+      raise ValueError(f"key_length: kv_len must have an int dtype, got {kv_len.dtype}")
+
+  def _lengths(self, ndim: int):
+    """kv_len shaped `[B, 1, ...]` to broadcast against `ndim`-d positions."""
+    return jnp.reshape(self.kv_len, (-1,) + (1,) * ndim)
+
+  def segment_id(self, idx):
+    """The base's segment ids per example; padding keys get -1."""
+    idx = jnp.asarray(idx)
+    return jnp.where(idx < self._lengths(idx.ndim), self.base.segment_id(idx), -1)
+
+  def allowed(self, q_idx, k_idx):
+    both = self.base.allowed(q_idx, k_idx)
+    k = jnp.asarray(k_idx)
+    ndim = max(jnp.ndim(both), k.ndim)
+    return jnp.logical_and(both, k < self._lengths(ndim))
+
+  def kv_range(self, q_idx, kv_len):
+    start, end = self.base.kv_range(q_idx, kv_len)
+    q = jnp.asarray(q_idx)
+    lim = self._lengths(q.ndim)
+    return start + lim * 0, _min(end, lim)
+
+  def dense(self, q_len: int, kv_len: int | None = None, q_offset=0):
+    """Boolean jnp `[B, q_len, kv_len]` (the base's matrix, padding keys cleared)."""
+    base = jnp.asarray(self.base.dense(q_len, kv_len, q_offset))
+    keys = jnp.arange(base.shape[-1], dtype=jnp.int32)
+    return jnp.logical_and(base[None], keys[None, None, :] < self._lengths(2))
+
+  def visible_counts(self, q_len: int, kv_len: int | None = None, q_offset: int = 0):
+    """int `[B, q_len]`: how many keys each query of each example sees."""
+    q = jnp.arange(q_offset, q_offset + _positive_int(q_len, "q_len"), dtype=jnp.int32)
+    start, end = self.kv_range(q, q_offset + q_len if kv_len is None else kv_len)
+    return jnp.maximum(end - start, 0)
+
+  def density(self, q_len: int, kv_len: int | None = None, q_offset: int = 0) -> float:
+    """Fraction of visible (query, key) pairs over the batch."""
+    counts = self.visible_counts(q_len, kv_len, q_offset)
+    kv_len = q_offset + q_len if kv_len is None else kv_len
+    return float(jnp.sum(counts)) / float(counts.size * kv_len)
+
+
 def full() -> Full:
   """Every query sees every key."""
   return Full()
@@ -270,3 +337,8 @@ def block_diagonal(lengths) -> BlockDiagonal:
 def chunk_causal(chunk: int) -> ChunkCausal:
   """Uniform segments of `chunk` tokens, causal across segments."""
   return ChunkCausal(chunk)
+
+
+def key_length(kv_len, base: MaskSpec | None = None) -> KeyLength:
+  """`base` (default `full()`) with each example's keys past `kv_len[b]` hidden (key padding)."""
+  return KeyLength(jnp.asarray(kv_len), Full() if base is None else base)
