@@ -1,11 +1,16 @@
 """Evaluation: metrics from features (FD/FID, sFID, IS, precision/recall, KID), ADM `.npz` I/O and
-statistics caching, and the offline domain metrics built on a small trained classifier."""
+statistics caching, and the offline domain metrics built on a small trained classifier.
+
+The evaluators by kind (`generator`, `tokenizer`, `classifier`), Inception metrics (`fid`) and the
+shipped domain classifiers (`domain_classifiers`) are submodules, imported where used:
+`from arvision.evaluation import evaluate; evaluate.run(...)` is what `arvision eval` runs."""
 
 from arvision.evaluation.domain import DomainMetrics, uint8_to_model
 from arvision.evaluation.metrics import (
   feature_stats,
   frechet_distance,
   frechet_distance_from_features,
+  frechet_distance_to_stats,
   inception_score,
   kid,
   knn_radii,
@@ -30,6 +35,7 @@ __all__ = [
   "fingerprint",
   "frechet_distance",
   "frechet_distance_from_features",
+  "frechet_distance_to_stats",
   "inception_score",
   "kid",
   "knn_radii",

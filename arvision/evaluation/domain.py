@@ -7,8 +7,8 @@ Names carry the extractor (`fd_fmnist`, not `fid`) so that nobody mistakes them 
 - `is_<name>`: Inception-Score-like exp(E KL) of the classifier's softmax,
 - `class_accuracy`: fraction of class-conditional samples the classifier labels as their class.
 
-The classifier comes in as a family and its params; how it gets trained and cached is the loop's
-business (`arvision.train`), so this module stays independent of it.
+The classifier comes in as a family and its params; which trained classifier scores which data is
+`arvision.evaluation.domain_classifiers`' business (evaluation never trains one).
 """
 
 from __future__ import annotations
