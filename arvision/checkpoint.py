@@ -12,10 +12,13 @@ not restore but an older one does, the failing steps are moved aside to
 `<step>.damaged-<time>` (never deleted) with a one-line warning each, and the older step is used.
 When no step restores, nothing is moved (the cause is then more likely the code or the config
 than the files) and a `CheckpointError` lists what was tried. `verify` reads every step.
+Orbax keeps no checksum of array bytes, so steps saved here also get a file digest
+(`checkpoint_digest.py`) that every read checks first.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -30,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from arvision import config_util, errors
+from arvision import checkpoint_digest, config_util, errors
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED = ".damaged-"  # a step moved aside: `<step>.damaged-<UTC time>`
@@ -114,6 +117,7 @@ def restore_newest(path: str, restore_step: Callable[[int], Any]) -> tuple[Any, 
   failed = []
   for step in reversed(steps):
     try:
+      checkpoint_digest.check(os.path.join(directory, str(step)))
       out = restore_step(step)
     except Exception as e:  # noqa: BLE001 -- a damaged file surfaces as many exception types
       failed.append((step, _reason(e)))
@@ -153,6 +157,28 @@ class Checkpointer:
       ),
     )
     self._failed = False  # a save failed and was reported
+    # Steps this process saved whose digest is not written yet (written once Orbax commits them,
+    # in a background thread: it reads the files back).
+    self._undigested: set[int] = set()
+    self._digester = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-digest")
+    self._digests: list[concurrent.futures.Future] = []
+
+  def _digest_committed(self) -> None:
+    if jax.process_index() != 0:
+      return
+    for step in sorted(self._undigested & set(committed_steps(self.directory))):
+      self._undigested.discard(step)
+      self._digests.append(
+        self._digester.submit(checkpoint_digest.write, os.path.join(self.directory, str(step)))
+      )
+
+  def _finish_digests(self) -> None:
+    for fut in self._digests:
+      try:
+        fut.result()
+      except OSError as e:  # e.g. keep-N deleted the step meanwhile; the step itself is fine
+        logging.warning("no digest written for a checkpoint step in %s: %s", self.directory, e)
+    self._digests = []
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -187,6 +213,8 @@ class Checkpointer:
       if (failed := self._save_failed(e)) is None:
         raise
       raise failed from e
+    self._undigested.add(step)
+    self._digest_committed()  # the previous save has committed by now
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
     """Restores `state` onto the shardings of `abstract_state` (and the iterator in place).
@@ -219,16 +247,20 @@ class Checkpointer:
       if (failed := self._save_failed(e)) is None:
         raise
       raise failed from e
+    self._digest_committed()
+    self._finish_digests()
 
   def close(self) -> None:
     if self._failed:  # already reported; do not bury that error under the same one
       with contextlib.suppress(Exception):
         self.manager.close()
+      self._digester.shutdown(wait=True)
       return
     try:
       self.wait()
     finally:
       self.manager.close()
+      self._digester.shutdown(wait=True)
 
 
 def _chain(e: BaseException):
@@ -284,7 +316,8 @@ def load_params(path: str, keys=("params", "frozen", "ema")) -> dict:
 def verify(path: str) -> list[dict]:
   """Reads every committed step under `path` (state arrays, config, data-iterator state).
 
-  Returns one dict per step, oldest first: `{"step", "ok", "arrays", "bytes", "error"}`, plus one
+  Returns one dict per step, oldest first: `{"step", "ok", "arrays", "bytes", "error", "digest"}`
+  (`digest`: the files matched a digest written at save time; False: the step has none), plus one
   `{"step": None, "ok": None, "ignored": name}` per uncommitted or moved-aside directory.
   Nothing is moved or changed.
   """
@@ -293,8 +326,9 @@ def verify(path: str) -> list[dict]:
     raise _no_checkpoint(path)
   report = []
   for step in committed_steps(directory):
-    row = dict(step=step, ok=True, arrays=0, bytes=0, error="")
+    row = dict(step=step, ok=True, arrays=0, bytes=0, error="", digest=False)
     try:
+      row["digest"] = checkpoint_digest.check(os.path.join(directory, str(step)))
       leaves = jax.tree.leaves(_read_state(directory, step))
       row["arrays"] = len(leaves)
       row["bytes"] = int(sum(np.asarray(x).nbytes for x in leaves))  # reads every array

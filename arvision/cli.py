@@ -190,7 +190,11 @@ def _verify():
       if row["ok"] is None:
         print(f"{where}/{row['ignored']}: ignored (not a committed step)")
       elif row["ok"]:
-        print(f"{where}/{row['step']}: OK ({row['arrays']} arrays, {row['bytes'] / 1e6:.1f} MB)")
+        digest = "files match their digest" if row["digest"] else "no digest to check files"
+        print(
+          f"{where}/{row['step']}: OK ({row['arrays']} arrays, {row['bytes'] / 1e6:.1f} MB, "
+          f"{digest})"
+        )
       else:
         damaged += 1
         print(f"{where}/{row['step']}: DAMAGED: {row['error']}")
