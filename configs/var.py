@@ -13,6 +13,16 @@ Variants (`configs/var.py:<variant>`):
 - `d36`: VAR-d36-s, 512x512, shared AdaLN, patch_nums up to 32.
 - `fmnist`: a small VAR for 32x32 Fashion-MNIST on `tokenizer.py:fmnist_msvq` (2-core CPU).
 - `smoke`: tiny, on `tokenizer.py:smoke`; runs in seconds (tests).
+- `markov_smoke`: the worked example of docs/architecture.md "Adding a successor": a Markovian
+  next-scale model (HMAR-style stage 1) = `smoke` + `model.mask="block_diagonal"` (scale k attends
+  to scale k only; its input already summarises scales < k) + `model.scale_loss="lognormal"`
+  (scale losses reweighted by a log-normal over the scale index). Pure config, no new module.
+
+Variant hooks (`model.*`, `arvision/models/next_scale.py`; the defaults are VAR): `mask`
+(scale_causal | block_diagonal), `scales` (residual | independent, FlexVAR-style inputs),
+`scale_loss` (tokens | lognormal, with `scale_loss_mu`/`scale_loss_sigma`), `head` (a name in
+`arvision.models.heads.HEADS`; VAR predicts codes: categorical) and `sample_patch_nums` (empty =
+the training schedule; VAR cannot change it, its pos_1LC / lvl_embed tables are per scale).
 
 Recipe notes. lr = tblr * batch / 256 (`optim.lr_scaling="batch256"`); AdamW (0.9, 0.95), wd 0.05
 without decay on pos_*, lvl_embed, ada_gss, scale_mul, biases and 1-D params; clip 2.0; warmup
@@ -85,6 +95,13 @@ SMALL_MODELS = {
     sample=dict(cfg=1.5, top_k=0, top_p=0.96),
   ),
 }
+# Variants that are another variant plus model hooks (pure config).
+HOOK_VARIANTS = {
+  "markov_smoke": (
+    "smoke",
+    dict(mask="block_diagonal", scale_loss="lognormal", scale_loss_mu=0.0, scale_loss_sigma=1.0),
+  ),
+}
 
 NO_DECAY = ("pos_", "lvl_embed", "ada_gss", "scale_mul", "bias")
 
@@ -107,6 +124,14 @@ def _model(depth, width=0, heads=0, alng=1e-5, saln=False, drop_path_rate=None):
       norm_eps=1e-6,
       label_smoothing=0.0,
       attn_impl="auto",
+      # Next-scale variant hooks (arvision/models/next_scale.py); these defaults are VAR.
+      mask="scale_causal",
+      scales="residual",
+      scale_loss="tokens",
+      scale_loss_mu=0.0,
+      scale_loss_sigma=1.0,
+      head="categorical",
+      sample_patch_nums=(),
     )
   )
 
@@ -120,14 +145,15 @@ def _tokenizer(spec: str, patch_nums=None) -> mlc.ConfigDict:
 
 def get_config(arg=None) -> mlc.ConfigDict:
   args = parse_arg(arg, variant="fmnist")
+  base, hooks = HOOK_VARIANTS.get(args.variant, (args.variant, {}))
   c = base_config("var")
   c.variant = args.variant
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
   c.optim.no_decay = NO_DECAY
   c.optim.schedule = "linear"
 
-  if args.variant in VAR_MODELS:
-    v = VAR_MODELS[args.variant]
+  if base in VAR_MODELS:
+    v = VAR_MODELS[base]
     c.model = _model(v["depth"], alng=v["alng"], saln=v["saln"])
     pn = PATCH_NUMS_512 if v["reso"] == 512 else None
     c.tokenizer = _tokenizer("tokenizer.py:var_vae", pn)
@@ -153,7 +179,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
     c.eval.batch_size = 250
     c.sample = mlc.ConfigDict(dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False))
   else:
-    v = pick_variant(SMALL_MODELS, args.variant, "var")
+    v = pick_variant(SMALL_MODELS, base, "var")
     c.model = _model(
       v["depth"],
       width=v["width"],
@@ -178,7 +204,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
     c.log_every = max(c.total_steps // 20, 1)
     c.checkpoint_every = c.total_steps
     c.sample = mlc.ConfigDict(dict(more_smooth=False, **v["sample"]))
-    if args.variant == "smoke":
+    if base == "smoke":
       c.eval.num_batches = 1
       c.eval.num_samples = 16
       c.eval.batch_size = 16
@@ -186,4 +212,5 @@ def get_config(arg=None) -> mlc.ConfigDict:
     else:
       c.eval.num_samples = 1000
       c.eval.batch_size = 250
+  c.model.update(hooks)
   return c

@@ -86,6 +86,22 @@ class FakeMSTokenizer:
     return jnp.tanh(_nearest_up(f_hat, self.image_size) @ p["dec"])
 
 
+class FakeIndependentTokenizer(FakeMSTokenizer):
+  """Adds FlexVAR-style independent scales: each scale quantizes the downsampled latent."""
+
+  def encode_idx_independent(self, p, images):
+    f = _area_down(images, self.P) @ p["enc"]
+    out = []
+    for pn in self.patch_nums:
+      z = _area_down(f, pn).reshape(f.shape[0], pn * pn, -1)
+      d = jnp.sum((z[:, :, None, :] - p["codebook"][None, None]) ** 2, axis=-1)
+      out.append(jnp.argmin(d, axis=-1).astype(jnp.int32))
+    return out
+
+  def independent_input(self, p, h_BxpnxpnxC, pn_next):
+    return _nearest_up(h_BxpnxpnxC, pn_next)
+
+
 def make_config(depth=2, width=32, heads=2, num_classes=5, **model_overrides):
   c = mlc.ConfigDict()
   c.family = "var"
@@ -114,7 +130,7 @@ def make_config(depth=2, width=32, heads=2, num_classes=5, **model_overrides):
 
 
 def make_family(tok=None, **kw):
-  tok = tok or FakeMSTokenizer()
+  tok = tok or FakeIndependentTokenizer()
   return var_lib.build(make_config(**kw), tokenizer=tok), tok
 
 
@@ -592,3 +608,149 @@ def test_configs_small_variants_build():
     fam = families.build(cfg, tokenizer=families.build(cfg.tokenizer.config))
     assert fam.patch_nums == tuple(cfg.tokenizer.config.model.patch_nums)
     assert fam.sample_defaults()["more_smooth"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Variant hooks (config.model.*: mask, scales, scale_loss, head, sample_patch_nums)
+
+
+def test_block_diagonal_mask_sees_own_scale_only():
+  """With model.mask=block_diagonal, d logits(scale k) / d teacher tokens is nonzero exactly on
+  scale k's own inputs (scale 0 has none: it is the class token)."""
+  fam, tok, params, _ = setup_var(alng=0.5, mask="block_diagonal")
+  teacher = _teacher(fam, 1, 2)
+  labels = jnp.array([1, 4])
+  seg_of_teacher = np.concatenate([np.full(n, s) for s, n in enumerate(fam.lengths)])[1:]
+  w = jax.random.normal(jax.random.key(2), (2, fam.seq_len, 16))
+
+  @jax.jit
+  def grads(t):
+    def f(t, b, e):
+      return jnp.sum(fam.apply(params, labels, t)[:, b:e] * w[:, b:e])
+
+    return [jax.grad(f)(t, b, e) for b, e in var_lib.scale_bounds(fam.patch_nums)]
+
+  for k, g in enumerate(grads(teacher)):
+    g = np.abs(np.asarray(g)).sum(axis=(0, 2))
+    assert np.all(g[seg_of_teacher != k] == 0.0), k
+    assert np.all(g[seg_of_teacher == k] > 0), k
+
+
+@pytest.mark.parametrize(
+  "mask,scales", [("block_diagonal", "residual"), ("scale_causal", "independent")]
+)
+def test_variant_decoding_matches_teacher_forcing(mask, scales):
+  """Cached (or, block_diagonal, cache-free) decoding of known tokens gives the teacher-forced
+  logits of the same model, and the teacher input follows the `scales` strategy."""
+  fam, tok, params, ap = setup_var(alng=0.5, mask=mask, scales=scales)
+  labels = jnp.array([0, 3, 5])
+  tp = params["tokenizer"]
+  images = random_images(4, 3, tok)
+  gt = fam.targets(params, {"image": images})
+  encode = tok.encode_idx if scales == "residual" else tok.encode_idx_independent
+  for a, b in zip(gt, encode(tp, images), strict=True):
+    np.testing.assert_array_equal(a, b)
+  teacher = fam.scales.teacher(tp, gt, tp["codebook"])
+  if scales == "independent":  # scale k + 1 reads scale k's own code map, upsampled
+    pn0, pn1 = fam.patch_nums[:2]
+    h0 = tp["codebook"][gt[0]].reshape(3, pn0, pn0, -1)
+    np.testing.assert_allclose(teacher[:, : pn1 * pn1], _nearest_up(h0, pn1).reshape(3, -1, 8))
+  full = ap(params, labels, teacher)
+  kw = dict(cfg=0.0, top_k=0, top_p=0.0, return_logits=True)
+  masks_all = [jnp.ones_like(i, bool) for i in gt]
+  imgs, idx, logits = fam.sample_tokens(
+    params, labels, jax.random.key(0), known_idx=gt, known_mask=masks_all, **kw
+  )
+  for si, (b, e) in enumerate(var_lib.scale_bounds(fam.patch_nums)):
+    np.testing.assert_allclose(logits[si], full[:, b:e], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(idx[si], gt[si])
+  if scales == "independent":  # the image is the last scale's code map, decoded
+    last = tp["codebook"][gt[-1]].reshape(3, tok.P, tok.P, -1)
+    ref = np.round((np.asarray(tok.decode_fhat(tp, last)) + 1) * 127.5)
+    np.testing.assert_allclose(np.asarray(imgs, np.float32), ref, atol=1.0)
+
+
+def test_independent_scales_need_tokenizer_methods():
+  with pytest.raises(ValueError, match="encode_idx_independent"):
+    make_family(FakeMSTokenizer(), scales="independent")
+  with pytest.raises(ValueError, match="model.scales='flex'"):
+    make_family(scales="flex")
+  with pytest.raises(ValueError, match="model.mask='diagonal'"):
+    make_family(mask="diagonal")
+
+
+def test_real_tokenizer_independent_scales():
+  """The msvq tokenizer's FlexVAR-style methods: per-scale codes of the downsampled latent."""
+  from arvision import config_util, families
+  from arvision.ops.resize import area
+  from arvision.tokenizers import quantizers
+
+  cfg = config_util.load_config_file("tokenizer.py:smoke")
+  tok = families.build(cfg)
+  tp = jax.jit(tok.init)(jax.random.key(0))
+  img = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1, maxval=1)
+  idx = tok.encode_idx_independent(tp, img)
+  f = tok.encode_f(tp, img)
+  for pn, i in zip(tok.patch_nums, idx, strict=True):
+    z = area(f, (pn, pn)).reshape(-1, f.shape[-1])
+    np.testing.assert_array_equal(i.reshape(-1), quantizers.nearest_code(z, tok.codebook(tp)))
+  h = tok.codebook(tp)[idx[1]].reshape(2, 2, 2, -1)
+  assert tok.independent_input(tp, h, 4).shape == (2, 4, 4, h.shape[-1])
+
+
+def test_sample_schedule_hook():
+  from arvision.models import next_scale
+
+  with pytest.raises(ValueError, match="pos_1LC"):
+    make_family(sample_patch_nums=(1, 4))
+  fam, _ = make_family(sample_patch_nums=(1, 2, 4))  # equal to training: fine
+  assert fam.sample_patch_nums == (1, 2, 4)
+  # A model without per-scale tables may sample another schedule ending at the latent side.
+  assert next_scale.check_sample_schedule((1, 2, 4), (1, 4), None) == (1, 4)
+  with pytest.raises(ValueError, match="end at the latent side"):
+    next_scale.check_sample_schedule((1, 2, 4), (1, 2), None)
+
+
+def test_head_hook():
+  fam, _ = make_family(head="categorical")
+  assert "head" in fam.abstract_params()
+  with pytest.raises(ValueError, match="categorical"):
+    make_family(head="flow")
+  with pytest.raises(ValueError, match="model.head='bits'"):
+    make_family(head="bits")
+
+
+def test_lognormal_scale_loss():
+  _, tok, params, ap = setup_var(alng=0.5)
+  fam, _ = make_family(tok, alng=0.5, scale_loss="lognormal", scale_loss_mu=0.5)
+  batch = {"image": random_images(0, 3, tok), "label": jnp.array([0, 1, 2])}
+  loss, m = jax.jit(fam.loss, static_argnames="train")(params, batch, jax.random.key(0), False)
+  idx = tok.encode_idx(params["tokenizer"], batch["image"])
+  logits = ap(params, batch["label"], tok.idx_to_var_input(params["tokenizer"], idx))
+  gt = jnp.concatenate(idx, axis=1)
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), gt[..., None], axis=-1)[..., 0]
+  # log-normal density (mu 0.5, sigma 1) at scale index k = 1, 2, 3, normalised over scales.
+  k = np.arange(1, 4)
+  pdf = np.exp(-((np.log(k) - 0.5) ** 2) / 2) / (k * np.sqrt(2 * np.pi))
+  w = pdf / pdf.sum()
+  per_scale = [ce[:, b:e].mean(axis=1) for b, e in var_lib.scale_bounds(fam.patch_nums)]
+  expected = np.mean(sum(wk * c for wk, c in zip(w, per_scale, strict=True)))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(m["ce"], ce.mean(), rtol=1e-6)
+
+
+def test_cfg_schedule_hook():
+  fam, tok, params, _ = setup_var(alng=0.5)
+  labels = jnp.array([1, 2])
+  kw = dict(cfg=2.0, top_k=1, top_p=0.0, return_logits=True)
+  _, _, lin = fam.sample_tokens(params, labels, jax.random.key(0), **kw)
+  # Official linear schedule written as one scale per scale: s = 1 + cfg * si / (n - 1).
+  _, _, lst = fam.sample_tokens(params, labels, jax.random.key(0), cfg_schedule=(1, 2, 3), **kw)
+  for a, b in zip(lin, lst, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  _, _, const = fam.sample_tokens(params, labels, jax.random.key(0), cfg_schedule="constant", **kw)
+  assert np.abs(np.asarray(const[0] - lin[0])).max() > 1e-4  # constant guides the first scale
+  with pytest.raises(ValueError, match="one scale per step"):
+    fam.sample_tokens(params, labels, jax.random.key(0), cfg_schedule=(1, 2), **kw)
+  with pytest.raises(ValueError, match="out of range"):
+    fam.sample_tokens(params, jnp.array([1, 6]), jax.random.key(0), **kw)
