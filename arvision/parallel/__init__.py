@@ -1,5 +1,6 @@
 """Device meshes and batch assembly (`mesh`), logical axis names and the sharding strategies that map
-them to mesh axes (`logical`), the per-device cost model of a sharded step (`cost`)."""
+them to mesh axes (`logical`), the per-device cost of a sharded step: predicted (`cost`) and as XLA
+reports it (`measure`)."""
 
 from arvision.parallel.logical import (
   RULES,
