@@ -31,13 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from arvision.family import Family
-from arvision.models.common import images_to_uint8, param_count  # noqa: F401
+from arvision.models.common import param_count  # noqa: F401
+from arvision.models.generator import Generator
 from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
-from arvision.sampling import orders
+from arvision.sampling import guidance, orders
 from arvision.sampling.kv_cache import KVCache, init_kv_caches, update_kv_cache
 from arvision.sampling.topk import filter_top_k_top_p
 
@@ -366,7 +366,7 @@ class RasterTransformer(nn.Module):
     """The head on normed hidden states: float32 logits `[B, L, V]`."""
     return constrain(self.output(hidden_BxLxC).astype(jnp.float32), ("batch", "seq", "vocab"))
 
-  def __call__(self, label_B, idx_BxLm1, rope_rows=None, *, train=False, mask=None, query=None):
+  def __call__(self, label_B, idx_BxLm1, rope_rows=None, mask=None, query=None, *, train=False):
     """Teacher-forced logits `[B, N, V]`: class prefix + tokens[:-1] predicts tokens.
 
     Args:
@@ -398,60 +398,35 @@ class RasterTransformer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# CFG
-
-
-def cfg_logits(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
-  """LlamaGen's guidance: uncond + (cond - uncond) * scale."""
-  return uncond + (cond - uncond) * scale
-
-
-def cfg_active(t, cfg_interval) -> jax.Array:
-  """Whether token t (0-based) is guided: official `cfg_interval` (decode step i = t - 1 stops
-  guidance once i > cfg_interval, when cfg_interval > -1; the first token is always guided)."""
-  return jnp.logical_not(jnp.logical_and(cfg_interval > -1, t - 1 > cfg_interval))
-
-
-# ------------------------------------------------------------------------------------------------
 # Family
 
 
-def _get(cfg, name, default):
-  return cfg[name] if name in cfg else default
-
-
-class RasterFamily(Family):
+class RasterFamily(Generator):
   """LlamaGen-style raster AR as a Family, on a frozen VQ tokenizer (`params["tokenizer"]`).
 
   The tokenizer family must provide `encode_idx` (int [B, h*w], row-major), `decode_idx`,
   `config.model.vocab_size` and `latent_size`.
   """
 
-  kind = "generator"
-  frozen_keys = ("tokenizer",)
+  name = "raster"
+  tokenizer_methods = ("encode_idx", "decode_idx")
+  sampler_static = ("schedule", "return_logits")
 
   def __init__(self, config, tokenizer):
-    super().__init__(config)
-    if tokenizer is None:
-      raise ValueError("the raster family needs a tokenizer family (build(config, tokenizer=...))")
-    for meth in ("encode_idx", "decode_idx"):
-      if not hasattr(tokenizer, meth):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} lacks {meth!r}, needed by raster")
-    self.tokenizer = tokenizer
+    super().__init__(config, tokenizer)
     m = config.model
     dim, n_layer, n_head = int(m.dim), int(m.n_layer), int(m.n_head)
     if dim <= 0 or n_layer <= 0 or n_head <= 0:
       raise ValueError(f"model.dim={dim}, n_layer={n_layer}, n_head={n_head} must be positive")
     if dim % n_head:
       raise ValueError(f"model.dim={dim} is not divisible by model.n_head={n_head}")
-    n_kv = int(_get(m, "n_kv_head", 0)) or n_head
+    n_kv = int(m.get("n_kv_head", 0)) or n_head
     if n_head % n_kv:
       raise ValueError(f"model.n_kv_head={n_kv} must divide model.n_head={n_head}")
-    rope_prefix = str(_get(m, "rope_prefix", "zero"))
+    rope_prefix = str(m.get("rope_prefix", "zero"))
     if rope_prefix not in ROPE_PREFIX:
       raise ValueError(f"model.rope_prefix={rope_prefix!r} unknown; accepted: {ROPE_PREFIX}")
-    mult = float(_get(m, "ffn_dim_multiplier", 0.0))
-    self.num_classes = int(config.data.num_classes)
+    mult = float(m.get("ffn_dim_multiplier", 0.0))
     self.grid_size = int(tokenizer.latent_size)
     self.module = RasterTransformer(
       dim=dim,
@@ -461,50 +436,34 @@ class RasterFamily(Family):
       vocab_size=int(tokenizer.config.model.vocab_size),
       num_classes=self.num_classes,
       grid_size=self.grid_size,
-      multiple_of=int(_get(m, "multiple_of", 256)),
+      multiple_of=int(m.get("multiple_of", 256)),
       ffn_dim_multiplier=mult if mult > 0 else None,
-      rope_base=float(_get(m, "rope_base", 10000.0)),
+      rope_base=float(m.get("rope_base", 10000.0)),
       rope_prefix=rope_prefix,
-      norm_eps=float(_get(m, "norm_eps", 1e-5)),
-      init_std=float(_get(m, "init_std", 0.02)),
-      token_dropout=float(_get(m, "token_dropout", 0.1)),
-      resid_dropout=float(_get(m, "resid_dropout", 0.1)),
-      ffn_dropout=float(_get(m, "ffn_dropout", 0.1)),
-      drop_path_rate=float(_get(m, "drop_path_rate", 0.0)),
-      cond_drop_rate=float(_get(m, "cond_drop_rate", 0.1)),
-      attn_impl=str(_get(m, "attn_impl", "auto")),
+      norm_eps=float(m.get("norm_eps", 1e-5)),
+      init_std=float(m.get("init_std", 0.02)),
+      token_dropout=float(m.get("token_dropout", 0.1)),
+      resid_dropout=float(m.get("resid_dropout", 0.1)),
+      ffn_dropout=float(m.get("ffn_dropout", 0.1)),
+      drop_path_rate=float(m.get("drop_path_rate", 0.0)),
+      cond_drop_rate=float(m.get("cond_drop_rate", 0.1)),
+      attn_impl=str(m.get("attn_impl", "auto")),
     )
     self.module.rope_table()  # fails now on a head dim that 2D RoPE cannot split
     self.num_tokens = self.module.num_tokens
     # Decoding order and schedule (arvision/sampling/orders.py): `order` is None for `random`
     # (drawn per example from the rng); the schedule is static (the mask and slots follow it).
-    self.order_name = str(_get(m, "order", "raster"))
-    regions = int(_get(m, "regions", 2))
+    self.order_name = str(m.get("order", "raster"))
+    regions = int(m.get("regions", 2))
     self.order = orders.static_order(self.order_name, self.grid_size, regions)
+    steps = int(m.get("schedule_steps", 0))
     self.schedule = orders.check_schedule(
-      orders.schedule(
-        str(_get(m, "schedule", "one")), self.num_tokens, regions, int(_get(m, "schedule_steps", 0))
-      ),
+      orders.schedule(str(m.get("schedule", "one")), self.num_tokens, regions, steps),
       self.num_tokens,
     )
-    self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
-    self._sample_jit = jax.jit(self._sample_impl, static_argnames=("schedule", "return_logits"))
 
-  # --- params ------------------------------------------------------------------------------------
-
-  def _vars(self, params) -> dict:
-    return {"params": {k: v for k, v in params.items() if k not in self.frozen_keys}}
-
-  def init_annotated(self, rng: jax.Array, batch=None) -> dict:
-    """The transformer's params boxed with logical axis names (`batch` is not needed)."""
-    del batch
-    label = jnp.zeros((1,), jnp.int32)
-    idx = jnp.zeros((1, self.num_tokens - 1), jnp.int32)
-    return dict(self.module.init({"params": rng}, label, idx, train=False)["params"])
-
-  def abstract_params(self):
-    """Param shapes (`jax.eval_shape`, nothing allocated)."""
-    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
+  def init_inputs(self) -> tuple:
+    return jnp.zeros((1,), jnp.int32), jnp.zeros((1, self.num_tokens - 1), jnp.int32)
 
   # --- training ----------------------------------------------------------------------------------
 
@@ -514,72 +473,32 @@ class RasterFamily(Family):
     `order` (int `[N]` or `[B, N]`, default the model's) places the RoPE rows; `schedule` (counts,
     default the model's) sets the input mask and the slot read for each token.
     """
-    if train and rng is None:
-      raise ValueError("RasterFamily.apply(train=True) needs an rng")
-    rngs = {"dropout": rng} if train else {}
     counts = self.schedule if schedule is None else orders.check_schedule(schedule, self.num_tokens)
     P = self.module.prefix
     mask, query = None, None
     if any(k != 1 for k in counts):
       mask, query = orders.input_mask(counts, P), jnp.asarray(orders.query_slots(counts, P))
-    rows = self.input_rope_rows(order)
-    return self.module.apply(
-      self._vars(params),
-      label_B,
-      tokens_BxN[:, :-1],
-      rows,
-      train=train,
-      mask=mask,
-      query=query,
-      rngs=rngs,
+    order = orders.draw(self.order, None, 1, self.num_tokens) if order is None else order
+    rows = orders.input_rope_rows(order, P)
+    return self.apply_module(
+      params, label_B, tokens_BxN[:, :-1], rows, mask, query, rng=rng, train=train
     )
-
-  def input_rope_rows(self, order=None):
-    """RoPE rows of the teacher-forcing inputs: the prefix rows, then `prefix + order[..., :-1]`
-    (`[N]`, or `[B, N]` for a per-example order)."""
-    P = self.module.prefix
-    order = self._order() if order is None else jnp.asarray(order, jnp.int32)
-    pre = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), order.shape[:-1] + (P,))
-    return jnp.concatenate([pre, P + order[..., :-1]], axis=-1)
-
-  def _order(self, rng=None, batch: int = 1):
-    """The model's decoding order: `[N]` (raster, regions) or `[B, N]` drawn from `rng` (random)."""
-    if self.order is not None:
-      return jnp.asarray(self.order)
-    if rng is None:
-      raise ValueError("model.order='random' needs an rng to draw the orders from")
-    return orders.random_orders(rng, batch, self.num_tokens)
 
   def codes(self, params, batch) -> jax.Array:
     """Raster grid codes int32 `[B, N]` from `batch["tokens"]` or the frozen tokenizer."""
-    if "tokens" in batch:
-      tokens = jnp.asarray(batch["tokens"])
-      if (
-        tokens.ndim != 2
-        or tokens.shape[1] != self.num_tokens
-        or not jnp.issubdtype(tokens.dtype, jnp.integer)
-      ):
-        raise ValueError(
-          f"batch['tokens'] must be int [B, {self.num_tokens}] (raster codes), got "
-          f"{tokens.dtype} {tokens.shape}"
-        )
+    tokens = self.batch_tokens(batch, (self.num_tokens,), integer=True, what="raster codes")
+    if tokens is not None:
       return tokens.astype(jnp.int32)
-    if "image" not in batch:
-      raise ValueError(f"raster batch needs 'image' or 'tokens'; got keys {sorted(batch)}")
     idx = self.tokenizer.encode_idx(params["tokenizer"], batch["image"])
     return jax.lax.stop_gradient(idx).astype(jnp.int32)
 
   def loss(self, params, batch, rng, train: bool):
     """Mean token CE of teacher forcing (official); metrics `loss`, `acc`."""
     codes = self.codes(params, batch)
-    # A random order per example (RandAR) comes from its own stream of the loss rng; evaluation
-    # without an rng uses a fixed key, so the metric is deterministic.
-    order_rng = (
-      None
-      if self.order is not None
-      else jax.random.fold_in(jax.random.key(0) if rng is None else rng, 1)
-    )
-    order = self._order(order_rng, codes.shape[0])
+    # RandAR: a random order per example from its own stream of the loss rng (a fixed key without
+    # one, so evaluation is deterministic); static orders ignore the key.
+    key = jax.random.fold_in(jax.random.key(0) if rng is None else rng, 1)
+    order = orders.draw(self.order, key, codes.shape[0], self.num_tokens)
     seq = jnp.take_along_axis(codes, jnp.broadcast_to(order, codes.shape), axis=1)
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
     logits = self.apply(params, label, seq, rng=rng, train=train, order=order)
@@ -612,7 +531,6 @@ class RasterFamily(Family):
     schedule: tuple[int, ...],
     return_logits: bool,
   ):
-    self.trace_count += 1  # runs only while tracing
     mod, var = self.module, self._vars(params)
     B, N, P, V = labels.shape[0], self.num_tokens, mod.prefix, mod.vocab_size
     # Steps have different counts; each runs at the largest count K with the extra slots masked,
@@ -622,10 +540,8 @@ class RasterFamily(Family):
     K = max(schedule)
     starts, counts = jnp.asarray(orders.step_starts(schedule)), jnp.asarray(schedule)
     mask = orders.input_mask(schedule, P)
-    labels = labels.astype(jnp.int32)
-    labels_2B = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
+    labels_2B = self.labels_2B(labels)
     caches = init_kv_caches(mod.n_layer, 2 * B, self.cache_length(K), mod.kv_heads, mod.head_dim)
-    use_cfg = cfg > 1.0  # official: the null half is used only for cfg_scale > 1
     inv_temp = 1.0 / jnp.maximum(temperature, 1e-5)
     top_p = jnp.where(top_p < 1.0, top_p, 0.0)  # official: top-p only below 1
     pad = ((0, 0), (0, K))
@@ -635,9 +551,9 @@ class RasterFamily(Family):
     def pick(a, k, logits_2BxKxV, seq, out_logits):
       """Tokens `a .. a + k - 1` from their logits (rows past k keep what is there)."""
       t = a + jnp.arange(K)
-      cond, uncond = logits_2BxKxV[:B], logits_2BxKxV[B:]
-      guided = jnp.logical_and(use_cfg, cfg_active(t, cfg_interval))[None, :, None]
-      logits = jnp.where(guided, cfg_logits(cond, uncond, cfg), cond)
+      # official: guided only for cfg > 1, and not past `cfg_interval`
+      scale = guidance.interval(cfg, t, cfg_interval)[None, :, None]
+      logits = guidance.guide(logits_2BxKxV[:B], logits_2BxKxV[B:], scale, active=scale > 1.0)
       filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
       if K == 1:
         tok = jax.random.categorical(jax.random.fold_in(rng, a), filtered[:, 0], axis=-1)[:, None]
@@ -686,9 +602,8 @@ class RasterFamily(Family):
     seq = seq[:, :N]
     # decoding order -> raster grid, per example
     grid = jnp.zeros_like(seq).at[jnp.arange(B)[:, None], order].set(seq)
-    img = self.tokenizer.decode_idx(params["tokenizer"], grid).astype(jnp.float32)
-    img_u8 = images_to_uint8(img)
-    return img_u8, grid, (out_logits[:, :N] if return_logits else None)
+    images = self.decode_images(params, grid, "decode_idx")
+    return images, grid, (out_logits[:, :N] if return_logits else None)
 
   def sample_tokens(
     self,
@@ -730,21 +645,17 @@ class RasterFamily(Family):
     Returns:
       `(images uint8 [B, H, W, C], codes int32 [B, N] raster, logits or None)`.
     """
-    labels = jnp.asarray(labels)
-    if labels.ndim != 1:
-      raise ValueError(f"labels must be int [B], got shape {labels.shape}")
+    labels = self.check_labels(labels)
     B, N = labels.shape[0], self.num_tokens
     if (known is None) != (known_mask is None):
       raise ValueError("known and known_mask must be given together (or neither)")
-    if known is None:
-      known, known_mask = jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), bool)
-    known, known_mask = jnp.asarray(known, jnp.int32), jnp.asarray(known_mask, bool)
+    known = jnp.zeros((B, N), jnp.int32) if known is None else jnp.asarray(known, jnp.int32)
+    known_mask = jnp.zeros((B, N), bool) if known_mask is None else jnp.asarray(known_mask, bool)
     if known.shape != (B, N) or known_mask.shape != (B, N):
       raise ValueError(
         f"known / known_mask must be [B={B}, N={N}]; got {known.shape} / {known_mask.shape}"
       )
-    if order is None:
-      order = self._order(jax.random.fold_in(rng, N) if self.order is None else None, B)
+    order = orders.draw(self.order, jax.random.fold_in(rng, N), B, N) if order is None else order
     order = jnp.asarray(order, jnp.int32)
     if order.shape not in ((N,), (B, N)):
       raise ValueError(f"order must be int [N={N}] or [B={B}, N={N}], got shape {order.shape}")
@@ -765,11 +676,5 @@ class RasterFamily(Family):
       return_logits=bool(return_logits),
     )
 
-  def sample(self, params, cond, rng, **kw) -> jax.Array:
-    """uint8 NHWC images for int labels `cond [B]` (keywords: see `sample_tokens`)."""
-    return self.sample_tokens(params, cond, rng, **kw)[0]
 
-
-def build(config, tokenizer=None) -> RasterFamily:
-  """Builds the raster family from its config and the (frozen) tokenizer family."""
-  return RasterFamily(config, tokenizer)
+build = RasterFamily.build

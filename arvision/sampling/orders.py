@@ -56,6 +56,23 @@ def random_orders(rng: jax.Array, batch: int, num_tokens: int) -> jax.Array:
   return jnp.argsort(jax.random.uniform(rng, (batch, num_tokens)), axis=1).astype(jnp.int32)
 
 
+def draw(order, rng, batch: int, num_tokens: int) -> jax.Array:
+  """A static order as is (`[N]`), or, when it is None (`random`), `[B, N]` drawn from `rng`."""
+  if order is not None:
+    return jnp.asarray(order, jnp.int32)
+  if rng is None:
+    raise ValueError("model.order='random' needs an rng to draw the orders from")
+  return random_orders(rng, batch, num_tokens)
+
+
+def input_rope_rows(order, prefix: int) -> jax.Array:
+  """RoPE rows of the teacher-forcing inputs: the prefix rows `0 .. P - 1`, then
+  `P + order[..., :-1]` (each input token turns with its own grid position); `[N]` or `[B, N]`."""
+  order = jnp.asarray(order, jnp.int32)
+  pre = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), order.shape[:-1] + (prefix,))
+  return jnp.concatenate([pre, prefix + order[..., :-1]], axis=-1)
+
+
 def check_schedule(counts, num_tokens: int) -> tuple[int, ...]:
   """`counts` as a tuple of ints, checked: positive, summing to N, and `k_s <= a_s + 1`."""
   try:
