@@ -164,6 +164,10 @@ def _convert(argv):
       f"expected `arvision convert {{{'|'.join(CONVERTERS)}}} PATH --out DIR`, got "
       f"{' '.join(argv[1:]) or 'no arguments'}"
     )
+  if not os.path.exists(argv[2]):
+    raise errors.NotFound(
+      f"{argv[2]!r} does not exist; pass the official checkpoint file to convert"
+    )
   module, fn = CONVERTERS[argv[1]].split(":")
   kw = {
     "var": lambda: {"vae": _require(_VAE, "vae")},

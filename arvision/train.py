@@ -144,7 +144,7 @@ def _check_tokens_match(config, tokenizer_params) -> None:
 
   meta = tokens.read_meta(arg)
   if meta["tokenizer_digest"] != tokens.tokenizer_digest(tokenizer_params):
-    raise ValueError(
+    raise errors.UserError(
       f"config.data.source={config.data.source!r} holds codes of the tokenizer in "
       f"{meta['tokenizer_workdir']!r} (params digest {meta['tokenizer_digest']}), but this run's "
       f"tokenizer differs; set --config.tokenizer.checkpoint to the tokenizer that wrote them"
@@ -450,9 +450,9 @@ def _init_from(path: str, params):
   def pick(key_path, leaf):
     key = jax.tree_util.keystr(key_path)
     if key not in flat_src:
-      raise ValueError(f"config.init_from={path!r}: checkpoint has no param {key}")
+      raise errors.UserError(f"config.init_from={path!r}: checkpoint has no param {key}")
     if flat_src[key].shape != leaf.shape:
-      raise ValueError(
+      raise errors.UserError(
         f"config.init_from: {key} has shape {flat_src[key].shape}, model expects {leaf.shape}"
       )
     return jax.device_put(jnp.asarray(flat_src[key], leaf.dtype), leaf.sharding)

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 import jax
 import numpy as np
 
+from arvision import errors
+
 CHECKPOINT_WRAPPERS = ("model", "module", "state_dict")
 
 
@@ -39,11 +41,11 @@ def unwrap_state_dict(obj, what: str = "checkpoint") -> dict[str, np.ndarray]:
         obj = obj[key]
         break
   if not isinstance(obj, Mapping) or not obj:
-    raise ValueError(f"{what}: expected a state dict (or one under {CHECKPOINT_WRAPPERS})")
+    raise errors.UserError(f"{what}: expected a state dict (or one under {CHECKPOINT_WRAPPERS})")
   out = {}
   for k, v in obj.items():
     if not hasattr(v, "shape"):
-      raise ValueError(
+      raise errors.UserError(
         f"{what}: not a state dict of tensors: entry {k!r} is a "
         f"{type(v).__name__} (wrappers understood: {CHECKPOINT_WRAPPERS})"
       )
@@ -99,7 +101,7 @@ def _leaf(torch_value: np.ndarray, flax_shape: tuple, kind: str, key: str) -> np
     if v.size == int(np.prod(flax_shape)) and kind not in ("kernel",):
       v = v.reshape(flax_shape)  # e.g. scale_mul_1H11 [1,H,1,1] -> [H]
     else:
-      raise ValueError(
+      raise errors.UserError(
         f"shape mismatch for {key!r}: checkpoint {torch_value.shape} "
         f"-> {v.shape}, model expects {tuple(flax_shape)}"
       )
@@ -138,18 +140,18 @@ def convert(
       continue
     fkey = found[0]
     if fkey in out:
-      raise ValueError(f"{what}: two checkpoint keys map to {fkey!r} (second: {tkey!r})")
+      raise errors.UserError(f"{what}: two checkpoint keys map to {fkey!r} (second: {tkey!r})")
     out[fkey] = _leaf(value, expected[fkey], fkey.rpartition("/")[2], tkey).astype(
       np.float32, copy=False
     )
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
       f"{what}: {len(unknown)} checkpoint keys do not belong to the model, e.g. "
       f"{unknown[:5]} (wrong model or config?)"
     )
   missing = sorted(set(expected) - set(out))
   if missing:
-    raise ValueError(
+    raise errors.UserError(
       f"{what}: {len(missing)} model params are missing from the checkpoint, e.g. "
       f"{missing[:5]} (wrong model or config?)"
     )

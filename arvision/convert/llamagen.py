@@ -26,7 +26,7 @@ import re
 import ml_collections as mlc
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, families
+from arvision import config_util, errors, families
 from arvision.convert import common
 
 
@@ -80,7 +80,7 @@ def _image_size_from_name(path: str) -> int | None:
 def gpt_config(state_dict: dict, image_size: int | None = None) -> mlc.ConfigDict:
   """The `configs/raster.py` variant whose shapes match the checkpoint (depth and width)."""
   if "tok_embeddings.weight" not in state_dict:
-    raise ValueError(
+    raise errors.UserError(
       "LlamaGen GPT checkpoint: no 'tok_embeddings.weight' (is this a VQ checkpoint? use "
       "`arvision convert llamagen_vq`)"
     )
@@ -89,7 +89,7 @@ def gpt_config(state_dict: dict, image_size: int | None = None) -> mlc.ConfigDic
   spec = _raster_module().RASTER_MODELS
   names = [n for n, v in spec.items() if v["n_layer"] == n_layer and v["dim"] == dim]
   if not names:
-    raise ValueError(
+    raise errors.UserError(
       f"checkpoint has {n_layer} layers of width {dim}; no official LlamaGen variant matches "
       f"(known: { {n: (v['n_layer'], v['dim']) for n, v in spec.items()} })"
     )

@@ -18,7 +18,7 @@ import os
 import ml_collections as mlc
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, families
+from arvision import config_util, errors, families
 from arvision.convert import common
 
 # Training-only keys some LDM-style VAE checkpoints carry (discriminator / LPIPS of the loss).
@@ -49,7 +49,7 @@ def detect_config(state_dict: dict) -> mlc.ConfigDict:
   DiffLoss MLP (depth, width) and number of classes."""
   for key in ("z_proj.weight", "class_emb.weight", "diffloss.net.input_proj.weight"):
     if key not in state_dict:
-      raise ValueError(f"not a MAR checkpoint: key {key!r} is missing")
+      raise errors.UserError(f"not a MAR checkpoint: key {key!r} is missing")
   depth = _count(state_dict, "encoder_blocks.")
   width = int(state_dict["z_proj.weight"].shape[0])
   found = None
@@ -58,7 +58,7 @@ def detect_config(state_dict: dict) -> mlc.ConfigDict:
     if (c.model.encoder_depth, c.model.encoder_embed_dim) == (depth, width):
       found = c
   if found is None:
-    raise ValueError(
+    raise errors.UserError(
       f"checkpoint has {depth} encoder blocks of width {width}; no official MAR variant "
       "(B: 12 x 768, L: 16 x 1024, H: 20 x 1280)"
     )
@@ -88,7 +88,7 @@ def load_mar_state_dict(path: str, ema: bool = False) -> dict:
   if ema:
     if not isinstance(obj, dict) or "model_ema" not in obj:
       keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-      raise ValueError(f"{path}: --ema needs a 'model_ema' entry; the checkpoint has {keys}")
+      raise errors.UserError(f"{path}: --ema needs a 'model_ema' entry; the checkpoint has {keys}")
     return common.unwrap_state_dict(obj["model_ema"], f"{path}[model_ema]")
   return common.unwrap_state_dict(obj, path)
 
@@ -109,7 +109,9 @@ def main_mar_vae(path: str, out: str) -> str:
 
 def main_mar(path: str, out: str, vae: str | None = None, ema: bool = False) -> str:
   if not vae:
-    raise ValueError("converting a MAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)")
+    raise errors.UserError(
+      "converting a MAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)"
+    )
   sd = load_mar_state_dict(path, ema=ema)
   config = detect_config(sd)
   tok_params, tok_config = _tokenizer_from(vae)

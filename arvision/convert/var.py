@@ -17,7 +17,7 @@ import os
 import ml_collections as mlc
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, families
+from arvision import config_util, errors, families
 from arvision.convert import common
 
 VAE_RENAMES = (
@@ -61,7 +61,9 @@ def var_config(state_dict: dict) -> mlc.ConfigDict:
   try:
     return config_util.load_config_file(f"var.py:{variant}")
   except ValueError as e:
-    raise ValueError(f"checkpoint has {depth} blocks; no official VAR variant {variant!r}") from e
+    raise errors.UserError(
+      f"checkpoint has {depth} blocks; no official VAR variant {variant!r}"
+    ) from e
 
 
 def convert_var(state_dict: dict, config) -> dict:
