@@ -67,9 +67,8 @@ class Model:
         return sorted(names)
     return None
 
-  def sample(self, labels, rng=None, **kw) -> np.ndarray:
-    """uint8 NHWC images for int `labels`; `kw` overrides the config's sampling settings."""
-    labels = self.check_labels(labels)
+  def check_sample_kw(self, kw: dict) -> dict:
+    """`kw` itself; an error naming the unknown keys and the accepted ones."""
     options = self.sample_options()
     unknown = sorted(set(kw) - set(options)) if options is not None else []
     if unknown:
@@ -77,6 +76,12 @@ class Model:
         f"sampling option(s) {unknown} are unknown to family {self.config.family!r}; accepted: "
         f"{options}"
       )
+    return kw
+
+  def sample(self, labels, rng=None, **kw) -> np.ndarray:
+    """uint8 NHWC images for int `labels`; `kw` overrides the config's sampling settings."""
+    labels = self.check_labels(labels)
+    self.check_sample_kw(kw)
     rng = jax.random.key(0) if rng is None else rng
     if isinstance(rng, int):
       rng = jax.random.key(rng)

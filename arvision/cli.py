@@ -110,6 +110,7 @@ def _eval():
 
   workdir = _require(_WORKDIR, "workdir")
   model = api.load(workdir)
+  sample_kw = model.check_sample_kw(_parse_kw(_SAMPLE_KW.value))
   out = _OUT.value or os.path.join(workdir, "eval")
   metrics = evaluate.run(
     model.family,
@@ -119,7 +120,7 @@ def _eval():
     step=model.step,
     out_dir=out,
     num_samples=_NUM_SAMPLES.value,
-    sample_kw=_parse_kw(_SAMPLE_KW.value) or None,
+    sample_kw=sample_kw or None,
     inception_weights=_INCEPTION_WEIGHTS.value,
     reference=_REFERENCE.value,
   )

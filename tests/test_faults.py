@@ -294,6 +294,21 @@ def test_bad_sample_kw(tmp_path):
   _one_line_error(code, err, "sample", r"'brightness' is not key=value")
   code, _, _ = _cli("sample", "--workdir", export, "--sample_kw", "brightness=0.5", "--out", out)
   assert code == 0
+  code, _, err = _cli("eval", "--workdir", export, "--sample_kw", "brightnes=0.5")
+  _one_line_error(code, err, "eval", r"\['brightnes'\] are unknown.*accepted: \['brightness'\]")
+
+
+def test_incompatible_checkpoint(tmp_path):
+  """`arvision convert` of a file that is not the named model's checkpoint (or is missing)."""
+  import torch
+
+  wrong = tmp_path / "not_var_vae.pth"
+  torch.save({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, wrong)
+  code, _, err = _cli("convert", "var_vae", wrong, "--out", tmp_path / "out")
+  _one_line_error(code, err, "convert", r"encoder\.conv_in\.weight|missing|shape")
+  assert not (tmp_path / "out").exists()
+  code, _, err = _cli("convert", "var_vae", tmp_path / "missing.pth", "--out", tmp_path / "out")
+  _one_line_error(code, err, "convert", r"missing.pth' does not exist")
 
 
 def test_missing_dataset(tmp_path):
