@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_family  # tests/ is on sys.path (conftest.py)
 from PIL import Image
 
 import arvision
@@ -35,8 +36,6 @@ from arvision.workdir_lock import LOCK_NAME
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import toy_family  # noqa: E402
 
 TOY_CONFIG = os.path.join(HERE, "toy_family.py")
 ENV = dict(
