@@ -239,6 +239,23 @@ class FakeMSTokenizer:
     return jnp.tanh(_nearest_up(f_hat, self.image_size) @ p["dec"])
 
 
+class FakeIndependentTokenizer(FakeMSTokenizer):
+  """Adds FlexVAR-style independent scales (`model.scales="independent"`): each scale quantizes
+  the downsampled latent on its own; the next input is a scale's code map upsampled."""
+
+  def encode_idx_independent(self, p, images):
+    f = _area_down(images, self.P) @ p["enc"]
+    out = []
+    for pn in self.patch_nums:
+      z = _area_down(f, pn).reshape(f.shape[0], pn * pn, -1)
+      d = jnp.sum((z[:, :, None, :] - p["codebook"][None, None]) ** 2, axis=-1)
+      out.append(jnp.argmin(d, axis=-1).astype(jnp.int32))
+    return out
+
+  def independent_input(self, p, h_BxpnxpnxC, pn_next):
+    return _nearest_up(h_BxpnxpnxC, pn_next)
+
+
 def var_config(depth=2, width=32, heads=2, num_classes=5, **model_overrides):
   """A small VAR config (no tokenizer section: pair it with `FakeMSTokenizer`)."""
   c = mlc.ConfigDict()
@@ -303,10 +320,11 @@ def random_images(seed, B, tok):
 
 @pytest.fixture(scope="session")
 def var_kit():
-  """The VAR test kit: `FakeMSTokenizer`, `make_config`, `make_family`, `make_params`,
+  """The VAR test kit: `FakeMSTokenizer` (+ `FakeIndependentTokenizer`), `make_config`, `make_family`, `make_params`,
   `setup_var` (cached per config) and `random_images`."""
   return types.SimpleNamespace(
     FakeMSTokenizer=FakeMSTokenizer,
+    FakeIndependentTokenizer=FakeIndependentTokenizer,
     make_config=var_config,
     make_family=var_family,
     make_params=var_params,

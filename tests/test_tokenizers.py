@@ -6,7 +6,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from arvision.config_util import load_config_file
@@ -443,25 +442,3 @@ def test_all_variants_load():
     assert c.family == "tokenizer" and c.model.type in ("msvq", "vq", "kl")
     with pytest.raises(AttributeError):
       c.model.typo = 1  # locked
-
-
-def test_tiny_overfit_loss_decreases():
-  fam = build(_config("smoke"))
-  x = _images(8, 16, 1, seed=7) * 0.8
-  p = _np_params(fam)
-  tx = optax.adam(5e-3)
-  opt = tx.init(p)
-
-  @jax.jit
-  def step(p, opt, i):
-    (loss, _), g = jax.value_and_grad(
-      lambda p: fam.loss(p, {"image": x}, jax.random.key(i), True), has_aux=True
-    )(p)
-    u, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, u), opt, loss
-
-  losses = []
-  for i in range(40):
-    p, opt, loss = step(p, opt, i)
-    losses.append(float(loss))
-  assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
