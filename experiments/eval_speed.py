@@ -4,15 +4,16 @@
     python experiments/eval_speed.py --config var.py:d16 --num_samples 1000 --inception_images 2000
 
 Rows (each timed after a warm-up call that compiles, so compile time is reported separately):
-- `sampling`: `arvision.evaluation.generator.generate` (the batch axis sharded over all local devices, as
-  `arvision eval` runs it) with the config's default sampling settings, params randomly
+- `sampling`: `arvision.evaluation.generator.generate` (the batch axis sharded over all local
+  devices, as `arvision eval` runs it) with the config's default sampling settings, params randomly
   initialised: sampling cost does not depend on the weights' values.
 - `inception`: `arvision.evaluation.inception.inception_features` (TF-1 resize to 299 + the FID
   Inception-v3) on uint8 images of the config's shape. The Inception weights are RANDOM, built from
   the module's shapes (the real file cannot be downloaded here): SPEED ONLY, no metric values.
 - `domain`: the Fashion-MNIST domain classifier's features (`fd_fmnist` & co.) on 32x32x1 images.
 - `fid_2048`: one Frechet distance of 2048-d Inception statistics from N samples, the full
-  `D x D` path (`metrics.frechet_distance`) and the evaluator's small-N path.
+  `D x D` path (`metrics.frechet_distance`) and the small-N path
+  (`metrics.frechet_distance_to_stats`).
 
 Results: a printed table and `experiments/results/eval_speed_<device>.json` with device/versions.
 """
