@@ -39,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arvision.family import Family
-from arvision.models.common import images_to_uint8, param_count  # noqa: F401
+from arvision.models.common import param_count  # noqa: F401
+from arvision.models.generator import Generator
 from arvision.models.heads import DiffusionHead
 from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
+from arvision.sampling import guidance
 
 _BLE = ("batch", "seq", "embed")
 
@@ -347,10 +348,6 @@ class MAR(nn.Module):
 # Family
 
 
-def _get(cfg, name, default):
-  return cfg[name] if name in cfg else default
-
-
 def patchify(x_BxHxWxC: jax.Array, p: int) -> jax.Array:
   """NHWC latent -> `[B, (H/p)(W/p), C p p]` tokens, the official (c, p, q) feature order."""
   B, H, W, C = x_BxHxWxC.shape
@@ -365,26 +362,21 @@ def unpatchify(x_BxLxD: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
   return x.reshape(B, h * p, w * p, c)
 
 
-class MARFamily(Family):
+class MARFamily(Generator):
   """MAR as a Family on a frozen KL tokenizer (`params["tokenizer"]`, `encode_latent`)."""
 
-  kind = "generator"
-  frozen_keys = ("tokenizer",)
+  name = "mar"
+  tokenizer_methods = ("encode_latent", "decode_latent")
+  sampler_static = ("num_iter", "guided", "cfg_schedule", "steps_per_iter", "clip_x0")
 
   def __init__(self, config, tokenizer):
-    super().__init__(config)
-    if tokenizer is None:
-      raise ValueError("the mar family needs a tokenizer family (build(config, tokenizer=...))")
-    for meth in ("encode_latent", "decode_latent"):
-      if not hasattr(tokenizer, meth):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} lacks {meth!r}, needed by mar")
+    super().__init__(config, tokenizer)
     if getattr(tokenizer, "type", "kl") != "kl":
       raise ValueError(
         f"the mar family needs a KL tokenizer (model.type='kl'), got {tokenizer.type!r}"
       )
-    self.tokenizer = tokenizer
     m = config.model
-    self.patch_size = int(_get(m, "patch_size", 1))
+    self.patch_size = int(m.get("patch_size", 1))
     side = int(tokenizer.latent_size)
     if side % self.patch_size:
       raise ValueError(f"model.patch_size={self.patch_size} does not divide the latent side {side}")
@@ -393,13 +385,12 @@ class MARFamily(Family):
     self.seq_side = side // self.patch_size
     self.seq_len = self.seq_side**2
     self.token_dim = self.latent_channels * self.patch_size**2
-    self.num_classes = int(config.data.num_classes)
-    self.buffer_size = int(_get(m, "buffer_size", 64))
-    self.mask_ratio_min = float(_get(m, "mask_ratio_min", 0.7))
+    self.buffer_size = int(m.get("buffer_size", 64))
+    self.mask_ratio_min = float(m.get("mask_ratio_min", 0.7))
     if not 0.0 < self.mask_ratio_min <= 1.0:
       raise ValueError(f"model.mask_ratio_min={self.mask_ratio_min} must be in (0, 1]")
-    self.diffusion_batch_mul = int(_get(m, "diffusion_batch_mul", 4))
-    if float(_get(m, "attn_dropout", 0.0)) != 0.0:
+    self.diffusion_batch_mul = int(m.get("diffusion_batch_mul", 4))
+    if float(m.get("attn_dropout", 0.0)) != 0.0:
       raise ValueError(
         f"model.attn_dropout={m.attn_dropout}: attention-probability dropout is not supported "
         "(arvision.ops.attention has none); set it to 0"
@@ -420,60 +411,36 @@ class MARFamily(Family):
       decoder_dim=int(m.decoder_embed_dim),
       decoder_depth=int(m.decoder_depth),
       decoder_heads=int(m.decoder_num_heads),
-      mlp_ratio=float(_get(m, "mlp_ratio", 4.0)),
+      mlp_ratio=float(m.get("mlp_ratio", 4.0)),
       buffer_size=self.buffer_size,
-      label_drop_prob=float(_get(m, "label_drop_prob", 0.1)),
-      proj_dropout=float(_get(m, "proj_dropout", 0.1)),
+      label_drop_prob=float(m.get("label_drop_prob", 0.1)),
+      proj_dropout=float(m.get("proj_dropout", 0.1)),
       diffloss_d=int(m.diffloss_d),
       diffloss_w=int(m.diffloss_w),
-      num_sampling_steps=int(_get(m, "num_sampling_steps", 100)),
-      norm_eps=float(_get(m, "norm_eps", 1e-6)),
-      attn_impl=str(_get(m, "attn_impl", "auto")),
+      num_sampling_steps=int(m.get("num_sampling_steps", 100)),
+      norm_eps=float(m.get("norm_eps", 1e-6)),
+      attn_impl=str(m.get("attn_impl", "auto")),
     )
     # Kept tokens are at most buffer + L - ceil(L * r) with r >= mask_ratio_min.
     self.train_capacity = (
       self.buffer_size + self.seq_len - math.floor(self.seq_len * self.mask_ratio_min)
     )
-    self.trace_count = 0  # bumped each time the sampler is traced (tests check no recompiles)
-    self._sample_jit = jax.jit(
-      self._sample_impl,
-      static_argnames=("num_iter", "guided", "cfg_schedule", "steps_per_iter", "clip_x0"),
-    )
 
-  # --- params ------------------------------------------------------------------------------------
-
-  def _vars(self, params) -> dict:
-    return {"params": {k: v for k, v in params.items() if k not in self.frozen_keys}}
-
-  def abstract_params(self):
-    """Param shapes (`jax.eval_shape`, nothing allocated)."""
-    return jax.eval_shape(lambda r: self.init(r, None), jax.random.key(0))
-
-  def init_annotated(self, rng: jax.Array, batch) -> dict:
-    """The MAR params only, boxed with logical axis names (the loop adds `params["tokenizer"]`)."""
-    del batch
+  def init_inputs(self) -> tuple:
     tokens = jnp.zeros((1, self.seq_len, self.token_dim), jnp.float32)
-    mask = jnp.ones((1, self.seq_len), jnp.float32)
-    label = jnp.zeros((1,), jnp.int32)
+    return tokens, jnp.ones((1, self.seq_len), jnp.float32), jnp.zeros((1,), jnp.int32)
+
+  def init_rngs(self, rng: jax.Array) -> dict:
     k_p, k_d = jax.random.split(rng)
-    variables = self.module.init(
-      {"params": k_p, "diffusion": k_d, "dropout": k_d}, tokens, mask, label, train=False
-    )
-    return dict(variables["params"])
+    return {"params": k_p, "diffusion": k_d, "dropout": k_d}
 
   # --- training ----------------------------------------------------------------------------------
 
   def tokens(self, params, batch, rng=None) -> jax.Array:
     """Latent tokens `[B, L, C]`: `batch["tokens"]` or the tokenizer's scaled posterior sample."""
-    if "tokens" in batch:
-      tok = jnp.asarray(batch["tokens"], jnp.float32)
-      if tok.ndim != 3 or tok.shape[1:] != (self.seq_len, self.token_dim):
-        raise ValueError(
-          f"batch['tokens'] must be float [B, {self.seq_len}, {self.token_dim}], got {tok.shape}"
-        )
-      return tok
-    if "image" not in batch:
-      raise ValueError(f"mar batch needs 'image' or 'tokens'; got keys {sorted(batch)}")
+    tok = self.batch_tokens(batch, (self.seq_len, self.token_dim), integer=False, what="latents")
+    if tok is not None:
+      return tok.astype(jnp.float32)
     z = self.tokenizer.encode_latent(params["tokenizer"], batch["image"], rng=rng)
     return jax.lax.stop_gradient(patchify(z.astype(jnp.float32), self.patch_size))
 
@@ -524,7 +491,6 @@ class MARFamily(Family):
     steps_per_iter: tuple[int, ...],
     clip_x0: float = 0.0,
   ):
-    self.trace_count += 1  # runs only while tracing
     mod, var = self.module, self._vars(params)
     B, L, C = labels.shape[0], self.seq_len, self.token_dim
     sched = mask_schedule(L, num_iter)
@@ -532,13 +498,14 @@ class MARFamily(Family):
     orders = jnp.argsort(jax.random.uniform(k_order, (B, L)), axis=1)
     # rank[b, pos] = place of `pos` in the order: pos is masked at a step iff rank < masked.
     rank = jnp.zeros((B, L), jnp.int32).at[jnp.arange(B)[:, None], orders].set(jnp.arange(L))
-    labels = labels.astype(jnp.int32)
-    lab = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)]) if guided else labels
+    lab = self.labels_2B(labels) if guided else labels.astype(jnp.int32)
     cemb = mod.apply(var, lab, method=MAR.class_embedding)
     step_keys = jax.random.split(k_steps, num_iter)
     if cfg_schedule == "linear":
-      cfg_frac = (L - sched["mask_len"]) / L
+      cfg_frac = guidance.mar_progress(sched["mask_len"], L)
     elif cfg_schedule == "constant":
+      # progress held at 1: `linear_progress` gives 1 + (cfg - 1), the float value this sampler
+      # has always used (`guidance.constant`'s cfg itself can differ in the last bit)
       cfg_frac = np.ones(num_iter)
     else:
       raise ValueError(f"cfg_schedule={cfg_schedule!r} is unknown; accepted: linear, constant")
@@ -568,7 +535,7 @@ class MARFamily(Family):
         if guided:
           zu = jnp.take_along_axis(z[B:], sel[:, :, None], axis=1).reshape(B * width, -1)
           zsel = jnp.concatenate([zsel, zu])
-        step_cfg = 1.0 + (cfg - 1.0) * frac if guided else 1.0
+        step_cfg = guidance.linear_progress(cfg, frac) if guided else 1.0
         out = mod.apply(
           var,
           zsel,
@@ -595,9 +562,7 @@ class MARFamily(Family):
       start = end
 
     latent = unpatchify(tokens, self.patch_size, self.seq_side, self.seq_side, self.latent_channels)
-    img = self.tokenizer.decode_latent(params["tokenizer"], latent).astype(jnp.float32)
-    img_u8 = images_to_uint8(img)
-    return img_u8, tokens
+    return self.decode_images(params, latent, "decode_latent"), tokens
 
   def sample_tokens(
     self,
@@ -634,9 +599,7 @@ class MARFamily(Family):
     Returns:
       `(images uint8 [B, H, W, C], tokens float32 [B, L, token_dim])`.
     """
-    labels = jnp.asarray(labels)
-    if labels.ndim != 1:
-      raise ValueError(f"labels must be int [B], got shape {labels.shape}")
+    labels = self.check_labels(labels)
     num_iter = int(num_iter)
     if num_iter < 1:
       raise ValueError(f"num_iter={num_iter} must be a positive int")
@@ -661,11 +624,6 @@ class MARFamily(Family):
       steps_per_iter=per_iter,
       clip_x0=float(clip_x0),
     )
-
-  def sample(self, params, cond, rng, **kw) -> jax.Array:
-    """uint8 NHWC images for int labels `cond [B]` (keywords: see `sample_tokens`)."""
-    images, _ = self.sample_tokens(params, cond, rng, **kw)
-    return images
 
 
 def official_param_count(
@@ -705,6 +663,4 @@ def official_param_count(
   return mar + head
 
 
-def build(config, tokenizer=None) -> MARFamily:
-  """Builds the MAR family from its config and the (frozen) KL tokenizer family."""
-  return MARFamily(config, tokenizer)
+build = MARFamily.build
