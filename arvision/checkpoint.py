@@ -172,13 +172,17 @@ class Checkpointer:
         self._digester.submit(checkpoint_digest.write, os.path.join(self.directory, str(step)))
       )
 
-  def _finish_digests(self) -> None:
+  def _finish_digests(self, wait: bool = True) -> None:
+    pending = []
     for fut in self._digests:
+      if not wait and not fut.done():
+        pending.append(fut)
+        continue
       try:
         fut.result()
       except OSError as e:  # e.g. keep-N deleted the step meanwhile; the step itself is fine
         logging.warning("no digest written for a checkpoint step in %s: %s", self.directory, e)
-    self._digests = []
+    self._digests = pending
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -215,6 +219,7 @@ class Checkpointer:
       raise failed from e
     self._undigested.add(step)
     self._digest_committed()  # the previous save has committed by now
+    self._finish_digests(wait=False)
 
   def restore(self, abstract_state, step: int | None = None, data_iter=None):
     """Restores `state` onto the shardings of `abstract_state` (and the iterator in place).

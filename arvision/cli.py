@@ -263,7 +263,7 @@ def _fail(e: Exception | str, argv=None):
 
 
 def _config_args(argv):
-  """(index of the --config value or None, its spec, [(path, argv index) of --config.<path>])."""
+  """(index in argv of the --config value or None, that value, [field of each --config.<field>])."""
   at, spec, overrides = None, None, []
   for i, a in enumerate(argv):
     if a in ("--config", "-config") and i + 1 < len(argv):
@@ -271,7 +271,7 @@ def _config_args(argv):
     elif a.startswith(("--config=", "-config=")):
       at, spec = i, a.split("=", 1)[1]
     elif a.startswith(("--config.", "-config.")):
-      overrides.append((a.split("config.", 1)[1].split("=", 1)[0], i))
+      overrides.append(a.split("config.", 1)[1].split("=", 1)[0])
   return at, spec, overrides
 
 
@@ -283,7 +283,7 @@ def _check_config(argv: list[str]) -> list[str]:
   if spec is None:
     if overrides:
       raise errors.UserError(
-        f"--config.{overrides[0][0]} given without --config; add --config path/to/config.py"
+        f"--config.{overrides[0]} given without --config; add --config path/to/config.py"
       )
     return argv
   path, sep, arg = spec.partition(":")
@@ -292,14 +292,17 @@ def _check_config(argv: list[str]) -> list[str]:
     argv = list(argv)
     argv[at] = (argv[at].split("=", 1)[0] + "=" if "=" in argv[at] else "") + path + sep + arg
   if not os.path.isfile(path):
-    shipped = sorted(f for f in os.listdir(config_util.CONFIG_DIR) if f.endswith(".py"))
+    here = config_util.CONFIG_DIR
+    shipped = (
+      sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    )
     raise errors.NotFound(
       f"config file {path!r} does not exist (from --config {spec!r}); pass a config .py file "
-      f"with an optional :variant, e.g. configs/var.py:fmnist (shipped in "
-      f"{config_util.CONFIG_DIR}: {', '.join(shipped)})"
+      f"with an optional :variant, e.g. configs/var.py:fmnist"
+      + (f" (shipped in {here}: {', '.join(shipped)})" if shipped else "")
     )
   config = config_util.load_config_file(path + sep + arg)
-  for field, _ in overrides:
+  for field in overrides:
     node, done = config, []
     for key in field.split("."):
       if not hasattr(node, "keys"):

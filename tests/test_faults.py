@@ -320,6 +320,17 @@ def test_missing_dataset(tmp_path):
     f"--config.data.source=folder:{tmp_path / 'no_images_here'}",
   )
   _one_line_error(code, err, "train", r"no_images_here does not exist; expected <path>/<split>")
+  code, _, err = _cli(
+    "train",
+    "--config",
+    TOY_CONFIG,
+    "--workdir",
+    tmp_path / "run",
+    "--config.data.source=fashion_mnist",
+    f"--config.data.data_dir={tmp_path / 'empty_cache'}",  # not converted yet: needs the IDX files
+    env={"ARVISION_FASHION_MNIST_DIR": str(tmp_path / "no_idx_here")},
+  )
+  _one_line_error(code, err, "train", r"IDX files not found.*apt-get install -y dataset-fashion")
 
 
 # --------------------------------------------------------------------------------------------
