@@ -297,9 +297,10 @@ def test_bad_sample_kw(tmp_path):
   _one_line_error(code, err, "eval", r"\['brightnes'\] are unknown.*accepted: \['brightness'\]")
 
 
+@pytest.mark.torch
 def test_incompatible_checkpoint(tmp_path):
   """`arvision convert` of a file that is not the named model's checkpoint (or is missing)."""
-  import torch
+  torch = pytest.importorskip("torch")  # the `convert` extra, installed by `make setup`
 
   wrong = tmp_path / "not_var_vae.pth"
   torch.save({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, wrong)
