@@ -86,13 +86,13 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # folder: sources: an image that does not decode is "skip"ped (logged, listed in
+  # WORKDIR/skipped_images.txt) or an "error".
+  c.data.on_bad_image = "skip"
   # Offline domain metrics (arvision/evaluation/domain_classifiers.py): "auto" = the shipped
   # classifier trained on this source/size/channels if any (Fashion-MNIST 32x32x1: "fmnist"),
   # a shipped classifier's name, or "" for none.
   c.data.domain_metrics = "auto"
-  # folder: sources: an image that does not decode is "skip"ped (logged, listed in
-  # WORKDIR/skipped_images.txt) or an "error".
-  c.data.on_bad_image = "skip"
 
   c.optim = mlc.ConfigDict()
   c.optim.lr = 1e-3  # peak learning rate (after lr_scaling)
