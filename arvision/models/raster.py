@@ -3,7 +3,7 @@
 A port of the official `autoregressive/models/gpt.py` (FoundationVision/LlamaGen): RMSNorm,
 SwiGLU, fused `wqkv` with optional grouped-query attention, 2D RoPE, a class token prefix and a
 zero-initialised head. Training is teacher forcing under a causal mask; sampling decodes one token
-per step with a static preallocated KV cache inside ONE jitted `lax.fori_loop`.
+per step (or a schedule's k) with a static preallocated KV cache inside ONE jitted `fori_loop`.
 
 Parameter names (flax) -> official keys: `tok_embeddings` (`embedding` = weight),
 `cls_embedding/embedding_table`, `layers_{i}/{attention/{wqkv,wo}, feed_forward/{w1,w2,w3},
@@ -16,9 +16,11 @@ interleaved `(x[2k], x[2k+1])`. The class prefix rows of the official table are 
 0), which zeroes the prefix's q and k: official checkpoints were trained that way, so it is the
 default (`rope_prefix="zero"`); `rope_prefix="identity"` (cos 1, sin 0) is the corrected variant.
 
-Decoding order is data: `order` is a permutation of the grid positions (`raster` = identity).
-Sequence slot t holds grid position `order[t]`; RoPE rows follow the grid position, so other
-orders (random, neighbouring, parallel) become different permutations and masks, not new models.
+Decoding order and parallel schedule are data (`arvision/sampling/orders.py`): `order` is a
+permutation of the grid positions per example (`model.order`: raster = identity, random = RandAR,
+regions = PAR) and `schedule` the tokens per step (`model.schedule`); sequence slot t holds grid
+position `order[t]`, RoPE rows follow the grid position, and k tokens per step are an input mask
+(block-causal over steps) plus the slots the tokens are read at, not new models or samplers.
 """
 
 from __future__ import annotations
