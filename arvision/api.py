@@ -98,17 +98,31 @@ class Model:
     return f"Model(family={self.config.family!r}, step={self.step}, params={n:,})"
 
 
-def load(path: str, use_ema: bool = True) -> Model:
-  """Loads the newest checkpoint of a workdir or of an `arvision convert` output dir.
+def load(path: str, use_ema: bool = True, tokenizer: str | None = None) -> Model:
+  """Loads a workdir, an `arvision convert` / `arvision export` output dir, a zoo model
+  (`"var-d16"`, see `arvision zoo`) or an official file on the Hub (`"hf://<repo>/<file>"`).
 
-  A damaged newest step is moved aside and the newest step that restores is used (with a
-  warning; see `arvision.checkpoint`).
+  Zoo and Hub models are downloaded (huggingface_hub's cache), converted once and cached
+  (`arvision.hub`); `tokenizer` names the tokenizer of an `hf://` generator (a zoo name, an
+  `hf://` file or a converted dir; default: the family's official one). For a workdir, a damaged
+  newest step is moved aside and the newest step that restores is used (with a warning; see
+  `arvision.checkpoint`).
   """
+  from arvision import export, hub  # noqa: PLC0415
+
+  path = hub.resolve(path, tokenizer=tokenizer)
+  if export.is_safetensors_export(path):
+    return export.load_safetensors(path)
   loaded = ckpt_lib.load_params(path)
   config = ckpt_lib.read_config(path, loaded["step"])
   params = loaded["ema"] if use_ema and "ema" in loaded else loaded["params"]
   params = {**params, **loaded.get("frozen", {})}
+  return from_params(params, config, loaded["step"])
+
+
+def from_params(params, config, step: int = 0) -> Model:
+  """A `Model` over a full param tree (trainable + frozen entries) and its config."""
   tokenizer = families.build(config.tokenizer.config) if families.needs_tokenizer(config) else None
   family = families.build(config, tokenizer=tokenizer)
   params = jax.tree.map(jnp.asarray, params)
-  return Model(family, params, config, loaded["step"])
+  return Model(family, params, config, step)

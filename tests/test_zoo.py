@@ -1,0 +1,215 @@
+"""The zoo on a stand-in Hub: `arvision.load("var-d16")` downloads, converts once, caches.
+
+No machine here reaches huggingface.co, so a small HTTP server on 127.0.0.1 serves the Hub's
+file route (`/{repo}/resolve/{revision}/{filename}`, HEAD with X-Repo-Commit / ETag /
+Content-Length, then GET) over official-format checkpoints generated here: seeded random weights
+with the official key names and shapes (tests/data/var_official_keys.json `vae_small` /
+`var_small`: a depth-2 VAR of the official classes). They are served under the real zoo file
+names, so the real `var-d16` entry is exercised; the converters infer the tiny sizes from the
+checkpoints' shapes.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+import arvision
+from arvision import errors, hub, zoo
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(HERE, "data", "var_official_keys.json")) as f:
+  TABLES = json.load(f)
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _random_sd(table, seed):
+  rng = np.random.default_rng(seed)
+  return {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in table.items()}
+
+
+class StandInHub:
+  """Serves `root/<owner>/<name>/<file>` on the Hub's download route; counts requests.
+
+  `truncate[name] = n`: GET answers only the first n bytes (a consistent short response, as a
+  proxy that cut the transfer would give). `wrong_etag[name]`: HEAD announces another sha256.
+  """
+
+  def __init__(self, root):
+    self.root, self.requests = root, []
+    self.truncate, self.wrong_etag = {}, set()
+    hub_self = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *args):
+        pass
+
+      def _file(self):
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+          return None, None
+        name = "/".join(parts[4:])
+        return os.path.join(hub_self.root, parts[0], parts[1], name), name
+
+      def _headers(self, path, name, length):
+        data = open(path, "rb").read()
+        etag = hashlib.sha256(data + (b"x" if name in hub_self.wrong_etag else b"")).hexdigest()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        return data
+
+      def do_HEAD(self):
+        hub_self.requests.append(("HEAD", self.path))
+        path, name = self._file()
+        if path is None or not os.path.isfile(path):
+          self.send_response(404)
+          self.send_header("X-Error-Code", "EntryNotFound")
+          self.end_headers()
+          return
+        self._headers(path, name, os.path.getsize(path))
+
+      def do_GET(self):
+        hub_self.requests.append(("GET", self.path))
+        path, name = self._file()
+        if path is None or not os.path.isfile(path):
+          self.send_response(404)
+          self.end_headers()
+          return
+        n = hub_self.truncate.get(name, os.path.getsize(path))
+        data = self._headers(path, name, n)
+        self.wfile.write(data[:n])
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    self.thread.start()
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+  def file_requests(self):
+    return [(m, p) for m, p in self.requests if "/resolve/" in p]
+
+  def gets(self):
+    return sum(1 for m, _ in self.file_requests() if m == "GET")
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+  repo = tmp_path / "hub" / "FoundationVision" / "var"
+  repo.mkdir(parents=True)
+  torch.save(_random_sd(TABLES["vae_small"], 1), repo / "vae_ch160v4096z32.pth")
+  torch.save(_random_sd(TABLES["var_small"], 2), repo / "var_d16.pth")
+  server = StandInHub(str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_ENDPOINT", server.url)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setenv("ARVISION_CACHE", str(tmp_path / "arvision"))
+  yield server
+  server.close()
+
+
+def _converted(tmp_path):
+  d = tmp_path / "arvision" / "converted"
+  return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_load_var_d16_downloads_and_converts_once_then_reads_the_cache(stand_in, tmp_path):
+  before = hub.conversions
+  model = arvision.load("var-d16")
+  images = model.sample([1, 7], jax.random.key(0))
+  assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+  assert stand_in.gets() == 2, stand_in.file_requests()
+  assert hub.conversions == before + 2  # VAE + transformer
+  assert model.config.model.depth == 2 and model.config.data.num_classes == 10
+  assert len(_converted(tmp_path)) == 2
+  assert hub.cached(zoo.get("var-d16")) == "converted"
+
+  again = arvision.load("var-d16")
+  assert stand_in.gets() == 2 and hub.conversions == before + 2  # neither touched
+  np.testing.assert_array_equal(again.sample([1, 7], jax.random.key(0)), images)
+
+
+def test_offline_with_a_warm_cache_makes_no_request(stand_in, tmp_path, monkeypatch):
+  arvision.load("var-d16")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  n = len(stand_in.file_requests())
+  model = arvision.load("var-d16")
+  assert len(stand_in.file_requests()) == n
+  assert model.sample([3], jax.random.key(1)).shape == (1, 64, 64, 3)
+
+
+def test_offline_with_a_cold_cache_names_the_file(stand_in, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(errors.NotFound, match="var_d16.pth is not in the Hub cache.*HF_HUB_OFFLINE"):
+    arvision.load("var-d16")
+  assert stand_in.file_requests() == []
+
+
+def test_truncated_download_is_an_error_naming_the_file_and_leaves_the_cache_clean(
+  stand_in, tmp_path
+):
+  stand_in.truncate["var_d16.pth"] = 1000
+  with pytest.raises(errors.UserError, match="var_d16.pth"):
+    arvision.load("var-d16")
+  assert [n for n in _converted(tmp_path) if n.startswith("var-")] == []
+  snapshots = tmp_path / "hf" / "hub" / "models--FoundationVision--var"
+  names = [os.path.basename(p) for p, _, fs in os.walk(snapshots) for p in [p] + fs]
+  assert "var_d16.pth" not in names and not any(n.endswith(".incomplete") for n in names)
+  del stand_in.truncate["var_d16.pth"]  # the network is back: the next load works
+  assert arvision.load("var-d16").config.model.depth == 2
+
+
+def test_wrong_hash_is_an_error_naming_the_file_and_leaves_the_cache_clean(stand_in, tmp_path):
+  stand_in.wrong_etag.add("var_d16.pth")
+  with pytest.raises(
+    errors.UserError, match=r"var-d16 \(FoundationVision/var/var_d16.pth\).*sha256"
+  ):
+    arvision.load("var-d16")
+  assert [n for n in _converted(tmp_path) if n.startswith("var-")] == []
+  hf = tmp_path / "hf" / "hub" / "models--FoundationVision--var"
+  assert not any("var_d16.pth" in fs for _, _, fs in os.walk(hf / "snapshots"))
+  assert len(os.listdir(hf / "blobs")) == 1  # only the VAE's blob is left
+  stand_in.wrong_etag.clear()
+  assert arvision.load("var-d16").config.model.depth == 2
+
+
+def test_hf_url_detects_the_kind_and_uses_the_default_tokenizer(stand_in):
+  model = arvision.load("hf://FoundationVision/var/var_d16.pth")
+  assert model.config.family == "var" and model.config.model.num_heads == 2
+  assert model.config.tokenizer.config.model.vocab_size == 64
+
+
+def test_unknown_names_and_non_hub_entries_say_what_to_do(stand_in):
+  with pytest.raises(errors.NotFound, match="no zoo model 'var-d17'.*var-d16"):
+    arvision.load("var-d17")
+  with pytest.raises(
+    errors.UserError, match="mar-b is not on the Hugging Face Hub.*dropbox.*--ema"
+  ):
+    arvision.load("mar-b")
+  with pytest.raises(errors.UserError, match="hf://<owner>/<repo>"):
+    arvision.load("hf://justone")
+
+
+def test_zoo_table_is_complete():
+  names = set(zoo.ENTRIES)
+  assert {f"var-d{d}" for d in (16, 20, 24, 30, 36)} <= names
+  assert {"llamagen-b", "llamagen-l", "llamagen-xl", "llamagen-xxl", "llamagen-3b"} <= names
+  assert {"mar-b", "mar-l", "mar-h", "var-vae", "llamagen-vq16", "mar-kl16"} <= names
+  for e in zoo.ENTRIES.values():
+    assert e.tokenizer is None or e.tokenizer in zoo.ENTRIES, e.name
+    assert (e.repo is None) == (e.url is not None), e.name
+    assert e.license and e.source, e.name
