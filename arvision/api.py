@@ -78,16 +78,29 @@ class Model:
       )
     return kw
 
-  def sample(self, labels, rng=None, **kw) -> np.ndarray:
-    """uint8 NHWC images for int `labels`; `kw` overrides the config's sampling settings."""
+  def sample(self, labels, rng=None, progress: bool = False, **kw) -> np.ndarray:
+    """uint8 NHWC images for int `labels`; `kw` overrides the config's sampling settings.
+
+    `progress` shows a bar with the compile and sample phases (the sampler is one jitted call,
+    so its steps have no finer progress to report)."""
     labels = self.check_labels(labels)
     self.check_sample_kw(kw)
     rng = jax.random.key(0) if rng is None else rng
     if isinstance(rng, int):
       rng = jax.random.key(rng)
     kw = dict(self.family.sample_defaults(), **kw)
-    out = self._fn("sample", **kw)(self.params, jnp.asarray(labels, jnp.int32), rng)
-    return np.asarray(out)
+    fn, args = self._fn("sample", **kw), (self.params, jnp.asarray(labels, jnp.int32), rng)
+    if not progress:
+      return np.asarray(fn(*args))
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    with tqdm(total=2, desc="compile", unit="phase") as bar:
+      compiled = fn.lower(*args).compile()
+      bar.update(1)
+      bar.set_description(f"sample {len(labels)}")
+      out = np.asarray(compiled(*args))
+      bar.update(1)
+    return out
 
   def reconstruct(self, images):
     """Tokenizers: (reconstruction in [-1, 1], codes) for images in [-1, 1]."""

@@ -4,6 +4,10 @@
     arvision eval   --workdir runs/var --num_samples 2000 --out runs/var/eval \
                     [--inception_weights pt_inception-2015-12-05-6726825d.pth] [--reference ref.npz]
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
+    arvision sample --model var-d16 --labels 207,360,387 --out grid.png --sample_kw cfg=1.5,top_k=900
+    arvision zoo                                # the official models by name, and what is cached
+    arvision export --workdir runs/var --format safetensors --out runs/var_st
+    arvision export --workdir runs/var --format official --out var_d16.pth
     arvision tokenize --workdir runs/tok --out runs/tok_codes [--views center_flip]
     arvision verify --workdir runs/var          # reads every checkpoint step; reports damaged ones
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
@@ -33,12 +37,34 @@ from ml_collections import config_flags
 
 from arvision import config_util, errors
 
-COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify")
+COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify", "zoo", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "path/to/config.py[:variant]", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
+_MODEL = flags.DEFINE_string(
+  "model",
+  None,
+  "sample/eval/export: instead of --workdir, a zoo name (`arvision zoo`), hf://<repo>/<file>, "
+  "or a converted/exported dir; downloaded and converted once, then cached",
+)
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  "safetensors",
+  ["safetensors", "official"],
+  "export: safetensors (+ arvision.json; arvision.load reads it) or official (the official "
+  "PyTorch state dict: .pth for VAR / LlamaGen / MAR and their tokenizers)",
+)
+_PATCH_NUMS = flags.DEFINE_string(
+  "patch_nums", None, "convert var: the scale schedule when it cannot be inferred, e.g. 1,2,4"
+)
+_NUM_HEADS = flags.DEFINE_integer(
+  "num_heads",
+  None,
+  "convert llamagen|mar: attention heads (not in the weights' shapes); default: the official "
+  "variant of the same size, else head dim 64",
+)
 _OUT = flags.DEFINE_string("out", None, "eval: output dir; sample: PNG path")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "eval: number of samples/reconstructions")
 _LABELS = flags.DEFINE_string("labels", "0", "sample: comma-separated class labels")
@@ -104,12 +130,20 @@ def _train():
   train(config, workdir)
 
 
-def _eval():
+def _load_model():
+  """The model of --model (zoo name, hf:// file, dir) or --workdir."""
   from arvision import api
+
+  if _MODEL.value and _WORKDIR.value:
+    raise errors.UserError("pass one of --model and --workdir, not both")
+  return api.load(_MODEL.value or _require(_WORKDIR, "workdir"))
+
+
+def _eval():
   from arvision.evaluation import evaluate
 
-  workdir = _require(_WORKDIR, "workdir")
-  model = api.load(workdir)
+  model = _load_model()
+  workdir = _WORKDIR.value or _require(_OUT, "out")  # a zoo model has no workdir of its own
   sample_kw = model.check_sample_kw(_parse_kw(_SAMPLE_KW.value))
   out = _OUT.value or os.path.join(workdir, "eval")
   metrics = evaluate.run(
@@ -131,9 +165,9 @@ def _sample():
   import jax
   import numpy as np
 
-  from arvision import api, visualize
+  from arvision import visualize
 
-  model = api.load(_require(_WORKDIR, "workdir"))
+  model = _load_model()
   try:
     labels = [int(x) for x in _LABELS.value.split(",")]
   except ValueError:
@@ -141,7 +175,9 @@ def _sample():
       f"--labels={_LABELS.value!r} is not a comma-separated list of class indices, e.g. 0,3,7"
     ) from None
   labels = np.repeat(np.asarray(labels, np.int32), _PER_LABEL.value)
-  images = model.sample(labels, jax.random.key(_SEED.value), **_parse_kw(_SAMPLE_KW.value))
+  images = model.sample(
+    labels, jax.random.key(_SEED.value), progress=True, **_parse_kw(_SAMPLE_KW.value)
+  )
   out = _OUT.value or "samples.png"
   visualize.save_grid(out, images, nrow=_PER_LABEL.value, scale=2)
   print(f"wrote {out}")
@@ -171,12 +207,60 @@ def _convert(argv):
     )
   module, fn = CONVERTERS[argv[1]].split(":")
   kw = {
-    "var": lambda: {"vae": _require(_VAE, "vae")},
+    "var": lambda: {
+      "vae": _require(_VAE, "vae"),
+      "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
+    },
     "llamagen": lambda: {"vae": _VAE.value},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value},
   }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
   print(f"wrote {out}; load it with arvision.load({out!r})")
+
+
+def _zoo():
+  from arvision import hub, zoo
+
+  rows = [
+    ("name", "family", "params", "res", "FID", "IS", "eval settings", "license", "cached", "source")
+  ]
+  for e in zoo.ENTRIES.values():
+    where = f"hf://{e.repo}/{e.filename}" if e.repo else e.url.split("?")[0]
+    settings = ",".join(f"{k}={v}" for k, v in e.sample.items())
+    rows.append(
+      (
+        e.name,
+        e.family,
+        e.params or "-",
+        str(e.image_size),
+        f"{e.fid:g}" if e.fid is not None else "-",
+        f"{e.is_:g}" if e.is_ is not None else "-",
+        settings or "-",
+        e.license,
+        hub.cached(e) or "-",
+        where,
+      )
+    )
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+  for r in rows:
+    print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+  print(
+    f"\nconverted models are cached under {hub.cache_root()}; downloads under "
+    f"{hub.hf_cache_dir()}; load one with arvision.load(NAME) or `arvision sample --model NAME`"
+  )
+
+
+def _export():
+  from arvision import export
+
+  model = _load_model()
+  out = _require(_OUT, "out")
+  if _FORMAT.value == "safetensors":
+    export.save_safetensors(model, out)
+    print(f"wrote {out}; load it with arvision.load({out!r})")
+  else:
+    for path in export.save_official(model, out):
+      print(f"wrote {path}")
 
 
 def _verify():
@@ -231,6 +315,8 @@ def main(argv):
       "sample": _sample,
       "tokenize": _tokenize,
       "verify": _verify,
+      "zoo": _zoo,
+      "export": _export,
     }
     commands[_COMMAND]()
   except errors.UserError as e:

@@ -96,7 +96,9 @@ def _mar(name, url, fid, is_, params, cfg):
     image_size=256,
     fid=fid,
     is_=is_,
-    sample=dict(num_iter=256, num_diffusion_steps=100, cfg=cfg, cfg_schedule="linear"),
+    sample=dict(
+      num_iter=256, num_diffusion_steps=100, cfg=cfg, cfg_schedule="linear", temperature=1.0
+    ),
     source=_MAR_SRC,
     url=url,
     convert_kw=dict(ema=True),  # the paper evaluates the EMA weights
