@@ -14,6 +14,11 @@ Variants (`configs/raster.py:<variant>[,image_size=384]`):
   CPU).
 - `smoke`: tiny, on a VQ version of `tokenizer.py:smoke`; runs in seconds (tests).
 
+Successors are config fields, not variants (arvision/sampling/orders.py): RandAR-style random
+orders `--config.model.order=random`; PAR-style region groups `--config.model.order=regions
+--config.model.schedule=par` (`model.regions` blocks per side); a cosine parallel schedule
+`--config.model.schedule=cosine --config.model.schedule_steps=S`.
+
 Recipe (official `train_c2i.py`): AdamW betas (0.9, 0.95), weight decay 0.05 on >= 2-D params
 only, grad clip 1.0, constant lr 1e-4 (2e-4 for XL/XXL/3B, maintainers in issue #8), batch 256
 (512 for XXL/3B), 300 epochs, dropouts 0.1 (token, residual, FFN), class dropout 0.1. The official

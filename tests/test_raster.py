@@ -416,3 +416,19 @@ def test_order_values_do_not_retrace_and_random_order_trains():
   np.testing.assert_allclose(l1, -jnp.take_along_axis(logp, seq[..., None], -1).mean(), rtol=1e-5)
   imgs = rfam.sample(rparams, batch["label"], jax.random.key(3))
   np.testing.assert_array_equal(imgs, rfam.sample(rparams, batch["label"], jax.random.key(3)))
+
+
+def test_par_config_wires_order_schedule_into_loss_and_sampler():
+  fam, _, params, _ = setup(order="regions", schedule="par")
+  assert fam.schedule == orders.par_schedule(16, 4)
+  np.testing.assert_array_equal(fam.order, orders.region_order(4, 2))
+  codes, labels = rand_tokens(8, 2, fam), jnp.array([0, 4])
+  loss, _ = fam.loss(params, {"tokens": codes, "label": labels}, None, False)
+  seq = codes[:, fam.order]
+  logits = fam.apply(params, labels, seq, schedule=orders.par_schedule(16, 4))
+  logp = jax.nn.log_softmax(logits)
+  np.testing.assert_allclose(loss, -jnp.take_along_axis(logp, seq[..., None], -1).mean(), rtol=1e-5)
+  _, grid, lg = fam.sample_tokens(params, labels, jax.random.key(1), cfg=1.0, return_logits=True)
+  np.testing.assert_allclose(lg, fam.apply(params, labels, grid[:, fam.order]), atol=2e-5)
+  cos = setup(schedule="cosine", schedule_steps=4)[0]
+  assert cos.schedule == orders.cosine_schedule(16, 4) and len(cos.schedule) < 16
