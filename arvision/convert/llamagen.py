@@ -24,6 +24,7 @@ import os
 import re
 
 import ml_collections as mlc
+import numpy as np
 
 from arvision import checkpoint as ckpt_lib
 from arvision import config_util, errors, families
@@ -151,3 +152,36 @@ def main_llamagen(path: str, out: str, vae: str | None = None, image_size: int |
   params = convert_gpt(sd, config)
   ckpt_lib.save_export(out, params, frozen, config)
   return out
+
+
+def vq_export_renames(num_levels: int) -> tuple:
+  """The inverse of `vq_renames`: the LDM tree back to LlamaGen's VQ names."""
+  return (
+    (r"^(encoder|decoder)\.mid\.block\.1\.", r"\1.mid.0."),
+    (r"^(encoder|decoder)\.mid\.attn\.1\.", r"\1.mid.1."),
+    (r"^(encoder|decoder)\.mid\.block\.2\.", r"\1.mid.2."),
+    (r"^encoder\.down\.(\d+)\.", r"encoder.conv_blocks.\1."),
+    (
+      r"^decoder\.up\.(\d+)\.",
+      lambda m: f"decoder.conv_blocks.{num_levels - 1 - int(m.group(1))}.",
+    ),
+    (r"\.block\.(\d+)\.", r".res.\1."),
+    (r"^quantize\.weight$", "quantize.embedding.weight"),
+  )
+
+
+CODEBOOK_USED = 65536  # the official VQModel's usage buffer length
+
+
+def to_official_vq(tok_params: dict, tok_config) -> dict:
+  """Tokenizer params -> the official VQModel state dict (usage buffer as zeros)."""
+  sd = common.to_state_dict(
+    tok_params["ae"], renames=vq_export_renames(len(tok_config.model.ch_mult))
+  )
+  sd["quantize.codebook_used"] = np.zeros(CODEBOOK_USED, np.float32)
+  return sd
+
+
+def to_official_gpt(params: dict, config) -> dict:
+  """Raster params -> the official GPT state dict (names map 1:1)."""
+  return common.to_state_dict({k: v for k, v in params.items() if k != "tokenizer"})

@@ -121,3 +121,15 @@ def main_mar(path: str, out: str, vae: str | None = None, ema: bool = False) -> 
   params = convert_mar(sd, config)
   ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
   return out
+
+
+def to_official_vae(tok_params: dict, tok_config) -> dict:
+  """Tokenizer params -> the official `AutoencoderKL` state dict."""
+  return common.to_state_dict(
+    tok_params["ae"], renames=((r"\.mid\.(block|attn)\.(\d+)\.", r".mid.\1_\2."),)
+  )
+
+
+def to_official_mar(params: dict, config) -> dict:
+  """MAR params -> the official MAR state dict (names map 1:1)."""
+  return common.to_state_dict({k: v for k, v in params.items() if k != "tokenizer"})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import ml_collections as mlc
+import numpy as np
 from absl import logging
 
 from arvision import checkpoint as ckpt_lib
@@ -243,3 +244,51 @@ def main_var(path: str, out: str, vae: str, patch_nums=None) -> str:
   params = convert_var(sd, config)
   ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
   return out
+
+
+# The inverse layout (arvision -> official state dict, `arvision export --format official`).
+_LDM_MID = (r"\.mid\.(block|attn)\.(\d+)\.", r".mid.\1_\2.")  # `mid.block_1` is a name, not a list
+
+
+def to_official_vae(tok_params: dict, tok_config) -> dict:
+  """Tokenizer params `{"ae": ...}` -> the official VQVAE state dict (strict=True keys, the
+  `ema_vocab_hit_SV` usage buffer as zeros)."""
+  share = int(tok_config.model.share_quant_resi)
+  resi = {0: r"quantize.quant_resi.\1.", 1: "quantize.quant_resi.qresi."}.get(
+    share, r"quantize.quant_resi.qresi_ls.\1."
+  )
+  sd = common.to_state_dict(
+    tok_params["ae"],
+    renames=(
+      _LDM_MID,
+      (r"^quantize\.weight$", "quantize.embedding.weight"),
+      (r"^quantize\.quant_resi\.(\d+)\.", resi),
+    ),
+  )
+  m = tok_config.model
+  sd["quantize.ema_vocab_hit_SV"] = np.zeros((len(m.patch_nums), m.vocab_size), np.float32)
+  return sd
+
+
+def to_official_var(params: dict, config) -> dict:
+  """VAR params -> the official VAR state dict, with the buffers the official module registers
+  (`lvl_1L`, `attn_bias_for_masking`, `zero_k_bias`) recomputed as it computes them."""
+  gen = {k: v for k, v in params.items() if k != "tokenizer"}
+  sd = common.to_state_dict(
+    gen,
+    renames=(
+      (r"\.ada_lin\.", ".ada_lin.1."),
+      (r"^shared_ada_lin\.", "shared_ada_lin.1."),
+      (r"\.scale_mul$", ".scale_mul_1H11"),
+    ),
+  )
+  for k in [k for k in sd if k.endswith(".scale_mul_1H11")]:
+    sd[k] = sd[k].reshape(1, -1, 1, 1)
+  patch_nums = tuple(config.tokenizer.config.model.patch_nums)
+  lvl = np.concatenate([np.full(p * p, i, np.int64) for i, p in enumerate(patch_nums)])
+  sd["lvl_1L"] = lvl[None]
+  bias = np.where(lvl[:, None] >= lvl[None, :], 0.0, -np.inf).astype(np.float32)
+  sd["attn_bias_for_masking"] = bias[None, None]
+  for i in range(int(config.model.depth)):
+    sd[f"blocks.{i}.attn.zero_k_bias"] = np.zeros(int(config.model.width), np.float32)
+  return sd
