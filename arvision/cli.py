@@ -211,8 +211,8 @@ def _convert(argv):
       "vae": _require(_VAE, "vae"),
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },
-    "llamagen": lambda: {"vae": _VAE.value},
-    "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value},
+    "llamagen": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
+    "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
   }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
   print(f"wrote {out}; load it with arvision.load({out!r})")

@@ -118,8 +118,8 @@ def test_errors_name_the_key():
   with pytest.raises(ValueError, match="extra.weight"):
     cm.convert_mar(dict(sd, **{"extra.weight": np.zeros(3, np.float32)}), config)
   wrong = _zeros_sd(TABLES["mar_small"])
-  with pytest.raises(ValueError, match="no official MAR variant"):
-    cm.detect_config(wrong)
+  with pytest.raises(ValueError, match="num_heads=3 does not divide"):
+    cm.detect_config(wrong, num_heads=3)  # sizes are inferred; heads are the one flag
 
 
 def test_ema_entry_is_selected(tmp_path):

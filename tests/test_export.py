@@ -211,3 +211,26 @@ def test_cli_export_official_files_load_with_torch(tmp_path):
   cv.main_var_vae(str(tmp_path / "off" / "var_vae.pth"), str(tmp_path / "vae"))
   cv.main_var(str(tmp_path / "off" / "var.pth"), str(tmp_path / "conv"), vae=str(tmp_path / "vae"))
   _same_params(arvision.load(str(tmp_path / "conv")).params, model.params)
+
+
+def test_converters_infer_sizes_from_the_checkpoints():
+  """Depth, widths, classes, schedules from shapes; heads from the official variant or a flag."""
+  config = cv.var_config(_zeros_sd(VAR["var_small"]))
+  assert (config.model.depth, config.model.width, config.model.num_heads) == (2, 64, 2)
+  assert tuple(config.tokenizer.config.model.patch_nums) == (1, 2, 4)
+  with pytest.raises(ValueError, match="patch_nums=.* do not fit"):
+    cv.var_config(_zeros_sd(VAR["var_small"]), patch_nums=(1, 2, 3))
+  vae = cv.infer_vae_config(_zeros_sd(VAR["vae_small"]))
+  assert (vae.model.ch, vae.model.z_channels, vae.model.vocab_size) == (32, 8, 64)
+
+  gpt = cl.gpt_config(_zeros_sd(LLAMAGEN["gpt_small_gqa"]), num_heads=4)
+  assert gpt.variant == "inferred" and gpt.model.n_kv_head == 2 and gpt.model.n_layer == 2
+  assert cl.gpt_config(_zeros_sd(LLAMAGEN["gpt_small"]), num_heads=4).model.n_kv_head == 0
+  assert cl.gpt_config(_zeros_sd(LLAMAGEN["gpt_XL"])).model.n_head == 20  # official variant
+
+  mar = cm.detect_config(_zeros_sd(MAR["mar_small"]), num_heads=4)
+  want = _small_mar_config().model
+  for k in ("encoder_depth", "encoder_embed_dim", "decoder_depth", "buffer_size", "diffloss_w"):
+    assert mar.model[k] == want[k], k
+  assert mar.data.num_classes == 10 and mar.data.image_size == 64
+  cm.convert_mar(_zeros_sd(MAR["mar_small"]), _small_mar_config())  # the inferred shapes fit

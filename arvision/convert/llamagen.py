@@ -1,4 +1,8 @@
-"""FoundationVision/LlamaGen checkpoints -> arvision: `vq_ds16_c2i.pt` and `c2i_{B,L,XL,XXL,3B}_*.pt`.
+"""FoundationVision/LlamaGen checkpoints -> arvision: `vq_ds16_c2i.pt`, `c2i_{B,L,XL,XXL,3B}_*.pt`.
+
+Any size converts: layers, width, vocabulary, classes, GQA heads and the SwiGLU width are read
+from the shapes; the number of heads is the official variant's when (layers, width) match one,
+else `--num_heads` (default head dim 64). What was inferred is logged.
 
     arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/llamagen_vq
     arvision convert llamagen c2i_L_256.pt [--vae runs/llamagen_vq] --out runs/llamagen_L
@@ -25,6 +29,7 @@ import re
 
 import ml_collections as mlc
 import numpy as np
+from absl import logging
 
 from arvision import checkpoint as ckpt_lib
 from arvision import config_util, errors, families
@@ -78,29 +83,64 @@ def _image_size_from_name(path: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def gpt_config(state_dict: dict, image_size: int | None = None) -> mlc.ConfigDict:
-  """The `configs/raster.py` variant whose shapes match the checkpoint (depth and width)."""
+def gpt_config(
+  state_dict: dict, image_size: int | None = None, num_heads: int | None = None
+) -> mlc.ConfigDict:
+  """The raster config whose shapes match the checkpoint: layers from the block count, width and
+  vocabulary from `tok_embeddings`, classes from `cls_embedding`, GQA key/value heads from
+  `wqkv`, the SwiGLU width from `feed_forward.w1`. The number of heads is not in the shapes: the
+  official variant's when (layers, width) match one, else `num_heads` (default: head dim 64).
+  The recipe is the official variant's of the nearest width."""
   if "tok_embeddings.weight" not in state_dict:
     raise errors.UserError(
       "LlamaGen GPT checkpoint: no 'tok_embeddings.weight' (is this a VQ checkpoint? use "
       "`arvision convert llamagen_vq`)"
     )
   n_layer = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
-  vocab, dim = state_dict["tok_embeddings.weight"].shape
+  vocab, dim = (int(x) for x in state_dict["tok_embeddings.weight"].shape)
   spec = _raster_module().RASTER_MODELS
   names = [n for n, v in spec.items() if v["n_layer"] == n_layer and v["dim"] == dim]
-  if not names:
+  base = names[0] if names else min(spec, key=lambda n: abs(spec[n]["dim"] - dim))
+  heads = num_heads or (spec[base]["n_head"] if names else max(1, dim // 64))
+  if dim % heads:
+    raise errors.UserError(f"num_heads={heads} does not divide the checkpoint's width {dim}")
+  head_dim = dim // heads
+  qkv_rows = int(state_dict["layers.0.attention.wqkv.weight"].shape[0])
+  kv_heads, rest = divmod(qkv_rows - dim, 2 * head_dim)
+  if rest or kv_heads < 1 or heads % kv_heads:
     raise errors.UserError(
-      f"checkpoint has {n_layer} layers of width {dim}; no official LlamaGen variant matches "
-      f"(known: { {n: (v['n_layer'], v['dim']) for n, v in spec.items()} })"
+      f"wqkv has {qkv_rows} rows: with {heads} heads of {head_dim} that is no whole number of "
+      "key/value heads; pass the checkpoint's --num_heads"
     )
-  arg = names[0] + (f",image_size={image_size}" if image_size else "")
-  config = config_util.load_config_file(f"raster.py:{arg}")
-  with config.unlocked():
-    classes = state_dict["cls_embedding.embedding_table.weight"].shape[0] - 1
-    config.data.num_classes = int(classes)
-    config.tokenizer.config.model.vocab_size = int(vocab)
+  arg = base + (f",image_size={image_size}" if image_size else "")
+  config = mlc.ConfigDict(config_util.load_config_file(f"raster.py:{arg}").to_dict())
+  config.variant = base if names else "inferred"
+  m = config.model
+  m.n_layer, m.dim, m.n_head = n_layer, dim, heads
+  m.n_kv_head = 0 if kv_heads == heads else kv_heads
+  hidden = int(state_dict["layers.0.feed_forward.w1.weight"].shape[0])
+  from arvision.models.raster import ffn_hidden  # noqa: PLC0415
+
+  if ffn_hidden(dim, m.multiple_of) != hidden:
+    # the official rule rounds up to `multiple_of`: a multiple that reproduces this width
+    fits = [q for q in (256, 128, 64, 32, 16, 8, 1) if ffn_hidden(dim, q) == hidden]
+    if not fits:
+      raise errors.UserError(
+        f"feed_forward.w1 has {hidden} rows; no multiple_of reproduces it for width {dim}"
+      )
+    m.multiple_of = fits[0]
+  config.data.num_classes = int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1
+  config.tokenizer.config.model.vocab_size = vocab
   return config
+
+
+def describe_gpt(c) -> str:
+  m = c.model
+  return (
+    f"LlamaGen GPT layers={m.n_layer} dim={m.dim} heads={m.n_head} "
+    f"kv_heads={m.n_kv_head or m.n_head} multiple_of={m.multiple_of} classes={c.data.num_classes} "
+    f"vocab={c.tokenizer.config.model.vocab_size} image_size={c.data.image_size}"
+  )
 
 
 def _raster_module():
@@ -139,9 +179,16 @@ def main_llamagen_vq(path: str, out: str) -> str:
   return out
 
 
-def main_llamagen(path: str, out: str, vae: str | None = None, image_size: int | None = None):
+def main_llamagen(
+  path: str,
+  out: str,
+  vae: str | None = None,
+  image_size: int | None = None,
+  num_heads: int | None = None,
+):
   sd = common.load_torch_state_dict(path)
-  config = gpt_config(sd, image_size or _image_size_from_name(path))
+  config = gpt_config(sd, image_size or _image_size_from_name(path), num_heads)
+  logging.info("%s: inferred %s", path, describe_gpt(config))
   frozen = {}
   if vae:
     tok_params, tok_config = _tokenizer_from(vae, int(config.data.image_size))

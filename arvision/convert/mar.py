@@ -8,14 +8,17 @@ weights go OIHW -> HWIO, LayerNorm weight -> `scale`, `class_emb.weight` -> `emb
 names are the official ones (`encoder_blocks_{i}/attn/qkv`, `diffloss/net/res_blocks_{i}/...`,
 see `arvision/models/mar.py` and `heads.py`); nothing is renamed. `checkpoint-last.pth` holds
 `model` and `model_ema` (EMA, what the paper evaluates: `--ema`). The variant (B/L/H), the
-DiffLoss MLP size and the number of classes are read from the checkpoint's shapes.
+DiffLoss MLP size and the number of classes are read from the checkpoint's shapes, for any size;
+heads are the official variant's, else `--num_heads` (default head dim 64).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections as mlc
+from absl import logging
 
 from arvision import checkpoint as ckpt_lib
 from arvision import config_util, errors, families
@@ -44,29 +47,57 @@ def _count(state_dict: dict, prefix: str) -> int:
   return 1 + max(idx) if idx else 0
 
 
-def detect_config(state_dict: dict) -> mlc.ConfigDict:
-  """The `configs/mar.py` variant whose (depth, width) match the checkpoint, with the checkpoint's
-  DiffLoss MLP (depth, width) and number of classes."""
+def detect_config(state_dict: dict, num_heads: int | None = None) -> mlc.ConfigDict:
+  """The MAR config whose shapes match the checkpoint: encoder/decoder depth from the block
+  counts, widths from `z_proj` / `decoder_embed`, the MLP ratio from `mlp.fc1`, the class-prefix
+  buffer and the token count from the position embeddings, the DiffLoss MLP (depth, width) and
+  the number of classes. Heads are not in the shapes: the official variant's when (depth,
+  width) match B/L/H, else `num_heads` (default: head dim 64)."""
   for key in ("z_proj.weight", "class_emb.weight", "diffloss.net.input_proj.weight"):
     if key not in state_dict:
       raise errors.UserError(f"not a MAR checkpoint: key {key!r} is missing")
   depth = _count(state_dict, "encoder_blocks.")
-  width = int(state_dict["z_proj.weight"].shape[0])
+  width, token_dim = (int(x) for x in state_dict["z_proj.weight"].shape)
   found = None
   for variant in ("B", "L", "H"):
     c = config_util.load_config_file(f"mar.py:{variant}")
     if (c.model.encoder_depth, c.model.encoder_embed_dim) == (depth, width):
       found = c
-  if found is None:
-    raise errors.UserError(
-      f"checkpoint has {depth} encoder blocks of width {width}; no official MAR variant "
-      "(B: 12 x 768, L: 16 x 1024, H: 20 x 1280)"
-    )
-  config = mlc.ConfigDict(found.to_dict())
-  config.model.diffloss_d = _count(state_dict, "diffloss.net.res_blocks.")
-  config.model.diffloss_w = int(state_dict["diffloss.net.input_proj.weight"].shape[0])
+  config = mlc.ConfigDict((found or config_util.load_config_file("mar.py:B")).to_dict())
+  config.variant = found.variant if found else "inferred"
+  m = config.model
+  heads = num_heads or (m.encoder_num_heads if found else max(1, width // 64))
+  dec_width = int(state_dict["decoder_embed.weight"].shape[0])
+  for w in (width, dec_width):
+    if w % heads:
+      raise errors.UserError(f"num_heads={heads} does not divide the checkpoint's width {w}")
+  seq_len = int(state_dict["diffusion_pos_embed_learned"].shape[1])
+  m.encoder_depth, m.encoder_embed_dim, m.encoder_num_heads = depth, width, heads
+  m.decoder_depth = _count(state_dict, "decoder_blocks.")
+  m.decoder_embed_dim, m.decoder_num_heads = dec_width, heads
+  m.mlp_ratio = int(state_dict["encoder_blocks.0.mlp.fc1.weight"].shape[0]) / width
+  m.buffer_size = int(state_dict["encoder_pos_embed_learned"].shape[1]) - seq_len
+  m.diffloss_d = _count(state_dict, "diffloss.net.res_blocks.")
+  m.diffloss_w = int(state_dict["diffloss.net.input_proj.weight"].shape[0])
   config.data.num_classes = int(state_dict["class_emb.weight"].shape[0])
+  side = math.isqrt(seq_len)
+  if side * side != seq_len or token_dim % (m.patch_size**2):
+    raise errors.UserError(f"MAR checkpoint: {seq_len} tokens are not a square grid")
+  tok = config.tokenizer.config
+  tok.model.embed_dim = token_dim // (m.patch_size**2)
+  stride = 2 ** (len(tok.model.ch_mult) - 1)
+  config.data.image_size = tok.data.image_size = side * m.patch_size * stride
   return config
+
+
+def describe(c) -> str:
+  m = c.model
+  return (
+    f"MAR encoder={m.encoder_depth}x{m.encoder_embed_dim} decoder={m.decoder_depth}x"
+    f"{m.decoder_embed_dim} heads={m.encoder_num_heads} mlp_ratio={m.mlp_ratio:g} "
+    f"buffer={m.buffer_size} diffloss={m.diffloss_d}x{m.diffloss_w} classes={c.data.num_classes} "
+    f"image_size={c.data.image_size}"
+  )
 
 
 def convert_mar(state_dict: dict, config) -> dict:
@@ -107,13 +138,16 @@ def main_mar_vae(path: str, out: str) -> str:
   return out
 
 
-def main_mar(path: str, out: str, vae: str | None = None, ema: bool = False) -> str:
+def main_mar(
+  path: str, out: str, vae: str | None = None, ema: bool = False, num_heads: int | None = None
+) -> str:
   if not vae:
     raise errors.UserError(
       "converting a MAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)"
     )
   sd = load_mar_state_dict(path, ema=ema)
-  config = detect_config(sd)
+  config = detect_config(sd, num_heads)
+  logging.info("%s: inferred %s", path, describe(config))
   tok_params, tok_config = _tokenizer_from(vae)
   with config.unlocked():
     config.tokenizer.config = tok_config

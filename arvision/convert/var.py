@@ -1,4 +1,9 @@
-"""FoundationVision/VAR checkpoints -> arvision: `vae_ch160v4096z32.pth` and `var_d{16,20,24,30,36}.pth`.
+"""FoundationVision/VAR checkpoints -> arvision: `vae_ch160v4096z32.pth`, `var_d{16,...,36}.pth`.
+
+Any size converts (e.g. a VAR-d12 trained with the official code): depth, width, heads, classes,
+MLP ratio, shared AdaLN and the scale schedule are read from the checkpoint's shapes, the VQVAE's
+channels, levels and codebook likewise; `--patch_nums` only where the schedule is ambiguous.
+What was inferred is logged.
 
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
