@@ -138,7 +138,11 @@ def _convert_into(out: str, fn) -> None:
   try:
     fn(os.path.join(tmp, "ckpt"))
     conversions += 1
-    os.replace(os.path.join(tmp, "ckpt"), out)
+    try:
+      os.replace(os.path.join(tmp, "ckpt"), out)
+    except OSError:
+      if not os.path.isdir(out):  # else another process converted the same file first
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
