@@ -125,7 +125,7 @@ def load(path: str, use_ema: bool = True, tokenizer: str | None = None) -> Model
 
   path = hub.resolve(path, tokenizer=tokenizer)
   if export.is_safetensors_export(path):
-    return export.load_safetensors(path)
+    return from_params(*export.read_safetensors(path))
   loaded = ckpt_lib.load_params(path)
   config = ckpt_lib.read_config(path, loaded["step"])
   params = loaded["ema"] if use_ema and "ema" in loaded else loaded["params"]

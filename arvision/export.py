@@ -49,10 +49,10 @@ def save_safetensors(model, out: str) -> str:
   return out
 
 
-def load_safetensors(path: str):
+def read_safetensors(path: str):
+  """(params, config, step) of a safetensors export; `arvision.load(path)` makes the Model."""
   from safetensors.numpy import load_file  # noqa: PLC0415
 
-  from arvision import api  # noqa: PLC0415
   from arvision.convert import common  # noqa: PLC0415
 
   with open(os.path.join(path, SIDECAR)) as f:
@@ -64,7 +64,7 @@ def load_safetensors(path: str):
     )
   config = config_util.from_json(json.dumps(sidecar["config"]))
   params = common.unflatten(load_file(os.path.join(path, WEIGHTS)))
-  return api.from_params(params, config, int(sidecar.get("step", 0)))
+  return params, config, int(sidecar.get("step", 0))
 
 
 def _official_kind(config) -> str:
