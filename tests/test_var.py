@@ -540,9 +540,11 @@ def test_sample_schedule_hook(var_kit):
   fam, _ = var_kit.make_family(sample_patch_nums=(1, 2, 4))  # equal to training: fine
   assert fam.sample_patch_nums == (1, 2, 4)
   # A model without per-scale tables may sample another schedule ending at the latent side.
-  assert next_scale.check_sample_schedule((1, 2, 4), (1, 4), None) == (1, 4)
+  assert next_scale.check_sample_schedule((1, 2, 4), (1, 4), None, "independent") == (1, 4)
   with pytest.raises(ValueError, match="end at the latent side"):
-    next_scale.check_sample_schedule((1, 2, 4), (1, 2), None)
+    next_scale.check_sample_schedule((1, 2, 4), (1, 2), None, "independent")
+  with pytest.raises(ValueError, match="model.scales='independent'"):
+    next_scale.check_sample_schedule((1, 2, 4), (1, 4), None, "residual")
 
 
 def test_head_hook(var_kit):

@@ -49,17 +49,29 @@ def scale_weights(name: str, num_scales: int, mu: float = 0.0, sigma: float = 1.
   return pdf / pdf.sum()
 
 
-class ResidualScales:
-  """VAR: scale k's input is `area(f_hat_{k-1}, pn_k)`, f_hat the sum of upsampled residuals."""
+class ScaleInputs:
+  """What a scale's input is, through the tokenizer's `methods`: `targets` (per-scale codes of
+  images), `teacher` (teacher-forcing inputs of scales 1..n-1 from the codes), and in sampling
+  `state = init_state(B, C)`, `state, next_input = advance(tok_p, si, state, codes_map)` per
+  scale, then the decoder's latent is the final `state`."""
 
-  name = "residual"
-  methods = ("encode_idx", "idx_to_var_input", "next_input", "decode_fhat")
+  name = ""
+  methods: tuple[str, ...] = ()
+  encode = ""  # the tokenizer method giving per-scale codes
 
   def __init__(self, tokenizer, patch_nums):
     self.tok, self.patch_nums = tokenizer, tuple(patch_nums)
 
   def targets(self, tok_p, images):
-    return self.tok.encode_idx(tok_p, images)
+    return getattr(self.tok, self.encode)(tok_p, images)
+
+
+class ResidualScales(ScaleInputs):
+  """VAR: scale k's input is `area(f_hat_{k-1}, pn_k)`, f_hat the sum of upsampled residuals."""
+
+  name = "residual"
+  methods = ("encode_idx", "idx_to_var_input", "next_input", "decode_fhat")
+  encode = "encode_idx"
 
   def teacher(self, tok_p, idx_list, codebook):
     del codebook
@@ -73,22 +85,14 @@ class ResidualScales:
     """`(f_hat, next input [B, pn', pn', C] or None after the last scale)`."""
     return self.tok.next_input(tok_p, si, f_hat, h_BxpnxpnxC)
 
-  def latent(self, f_hat):
-    return f_hat
 
-
-class IndependentScales:
+class IndependentScales(ScaleInputs):
   """FlexVAR-style: every scale quantizes the downsampled latent on its own; scale k + 1's input
   is scale k's code map upsampled (`independent_input`), and the last scale is the latent."""
 
   name = "independent"
   methods = ("encode_idx_independent", "independent_input", "codebook", "decode_fhat")
-
-  def __init__(self, tokenizer, patch_nums):
-    self.tok, self.patch_nums = tokenizer, tuple(patch_nums)
-
-  def targets(self, tok_p, images):
-    return self.tok.encode_idx_independent(tok_p, images)
+  encode = "encode_idx_independent"
 
   def teacher(self, tok_p, idx_list, codebook):
     B, outs = idx_list[0].shape[0], []
@@ -106,9 +110,6 @@ class IndependentScales:
     if si == len(self.patch_nums) - 1:
       return h_BxpnxpnxC, None
     return h_BxpnxpnxC, self.tok.independent_input(tok_p, h_BxpnxpnxC, self.patch_nums[si + 1])
-
-  def latent(self, h_last):
-    return h_last
 
 
 SCALE_INPUTS = {"residual": ResidualScales, "independent": IndependentScales}
@@ -128,11 +129,14 @@ def scale_inputs(name: str, tokenizer, patch_nums):
   return cls(tokenizer, patch_nums)
 
 
-def check_sample_schedule(patch_nums, sample_patch_nums, per_scale_tables: str | None):
+def check_sample_schedule(
+  patch_nums, sample_patch_nums, per_scale_tables: str | None, scales: str = "residual"
+):
   """The sampling scale schedule: `sample_patch_nums` (empty = the training one).
 
   A model whose parameters have one entry per training scale (`per_scale_tables` names them)
-  cannot sample another schedule; a model without such tables may (scale inputs permitting).
+  cannot sample another schedule; a model without such tables may, with `independent` scale
+  inputs (residual ones follow the tokenizer's own schedule).
   """
   patch_nums = tuple(int(p) for p in patch_nums)
   sample = tuple(int(p) for p in sample_patch_nums) or patch_nums
@@ -141,6 +145,12 @@ def check_sample_schedule(patch_nums, sample_patch_nums, per_scale_tables: str |
       f"model.sample_patch_nums={sample} differs from the training patch_nums={patch_nums}, but "
       f"this model has per-scale tables ({per_scale_tables}) sized by the training schedule; "
       "leave sample_patch_nums empty"
+    )
+  if sample != patch_nums and scales == "residual":
+    raise ValueError(
+      f"model.sample_patch_nums={sample} differs from the training patch_nums={patch_nums}, but "
+      "model.scales='residual' follows the tokenizer's own residual schedule; use "
+      "model.scales='independent'"
     )
   if list(sample) != sorted(set(sample)) or sample[-1] != patch_nums[-1]:
     raise ValueError(

@@ -252,7 +252,8 @@ class VARFamily(Generator):
   or z_channels}` and the methods of the `model.scales` strategy (`next_scale.SCALE_INPUTS`).
   Variant hooks (`config.model`): `mask`, `scales`, `scale_loss` (see `next_scale`), `head`
   (`heads.HEADS`; VAR's transformer predicts codebook indices, so `categorical`) and
-  `sample_patch_nums` (must equal the training schedule: VAR has per-scale tables).
+  `sample_patch_nums` (the sampling schedule; VAR's must equal the training one, its tables are
+  per scale; a subclass without per-scale tables sets `per_scale_tables = None`).
   """
 
   name = "var"
@@ -276,12 +277,13 @@ class VARFamily(Generator):
     if dpr < 0:
       dpr = 0.1 * depth / 24
     self.patch_nums = tuple(int(p) for p in tm.patch_nums)
+    scales = str(m.get("scales", "residual"))
     self.sample_patch_nums = next_scale.check_sample_schedule(
-      self.patch_nums, m.get("sample_patch_nums", ()), self.per_scale_tables
+      self.patch_nums, m.get("sample_patch_nums", ()), self.per_scale_tables, scales
     )
-    self.scales = next_scale.scale_inputs(
-      str(m.get("scales", "residual")), tokenizer, self.patch_nums
-    )
+    self.scales = next_scale.scale_inputs(scales, tokenizer, self.patch_nums)
+    # Sampling walks `sample_patch_nums` (the training schedule unless a model can change it).
+    self.sample_scales = next_scale.scale_inputs(scales, tokenizer, self.sample_patch_nums)
     self.label_smoothing = float(m.get("label_smoothing", 0.0))
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
@@ -379,31 +381,23 @@ class VARFamily(Generator):
   # --- sampling ----------------------------------------------------------------------------------
 
   def _sample_impl(
-    self,
-    params,
-    labels,
-    rng,
-    cfg,
-    top_k,
-    top_p,
-    known_idx,
-    known_mask,
-    *,
-    more_smooth: bool,
-    return_logits: bool,
-    cfg_schedule,
+    self, params, labels, rng, knobs, known, *, more_smooth, return_logits, cfg_schedule
   ):
+    """knobs: traced `(cfg, top_k, top_p)`; known: None or per-scale `(idx, mask)` lists."""
     tok_p, var_vars, mod = params["tokenizer"], self._vars(params), self.module
-    B, n, Cvae = labels.shape[0], len(self.patch_nums), mod.cvae
+    (cfg, top_k, top_p), (known_idx, known_mask) = knobs, known or (None, None)
+    pns = self.sample_patch_nums
+    B, n, Cvae = labels.shape[0], len(pns), mod.cvae
     x, cond_2BxD = mod.apply(var_vars, self.labels_2B(labels), method=VAR.first_tokens)
     caches = None
     if mod.mask == "scale_causal":  # block_diagonal: a scale sees only itself, nothing to cache
       hd = mod.width // mod.num_heads
-      caches = init_kv_caches(mod.depth, 2 * B, self.seq_len, mod.num_heads, hd, x.dtype)
+      L = sum(pn * pn for pn in pns)
+      caches = init_kv_caches(mod.depth, 2 * B, L, mod.num_heads, hd, x.dtype)
     codebook_VxC = self.tokenizer.codebook(tok_p).astype(jnp.float32)
-    state = self.scales.init_state(B, Cvae)
+    state = self.sample_scales.init_state(B, Cvae)
     idx_out, logits_out = [], []
-    for si, pn in enumerate(self.patch_nums):
+    for si, pn in enumerate(pns):
       ratio = si / (n - 1) if n > 1 else 0.0
       logits_2Bxlxv, caches = mod.apply(var_vars, x, cond_2BxD, caches, si, method=VAR.step)
       scale = guidance_scale(cfg_schedule, cfg, si, n)
@@ -411,100 +405,86 @@ class VARFamily(Generator):
       rng, k_idx, k_gumbel = jax.random.split(rng, 3)
       filtered = filter_top_k_top_p(logits, top_k, top_p)
       idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
-      if known_idx is not None:
-        idx_Bl = jnp.where(known_mask[si], known_idx[si].astype(jnp.int32), idx_Bl)
+      if known is not None:
+        idx_Bl = jnp.where(known_mask[si], known_idx[si], idx_Bl)
       if more_smooth:
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
         h_BlC = gumbel_softmax(k_gumbel, filtered * (1 + ratio), tau) @ codebook_VxC
-        if known_idx is not None:
+        if known is not None:
           h_BlC = jnp.where(known_mask[si][..., None], codebook_VxC[idx_Bl], h_BlC)
       else:
         h_BlC = codebook_VxC[idx_Bl]
       idx_out.append(idx_Bl)
-      if return_logits:
-        logits_out.append(logits)
-      state, nxt = self.scales.advance(tok_p, si, state, h_BlC.reshape(B, pn, pn, Cvae))
+      logits_out.append(logits)
+      state, nxt = self.sample_scales.advance(tok_p, si, state, h_BlC.reshape(B, pn, pn, Cvae))
       if si != n - 1:
         x = mod.apply(var_vars, nxt.reshape(B, -1, Cvae), si + 1, method=VAR.embed_next)
         x = jnp.concatenate([x, x], axis=0)
-    img_u8 = self.decode_images(params, self.scales.latent(state), "decode_fhat")
+    img_u8 = self.decode_images(params, state, "decode_fhat")
     return img_u8, idx_out, (logits_out if return_logits else None)
 
-  def _check_known(self, labels, known_idx, known_mask):
+  def _check_known(self, B, known_idx, known_mask):
+    """None, or per-scale `(int32 idx, bool mask)` lists checked against `[B, pn*pn]`."""
     if (known_idx is None) != (known_mask is None):
       raise ValueError("known_idx and known_mask must be given together (or neither)")
     if known_idx is None:
-      return None, None
-    B = labels.shape[0]
-    if len(known_idx) != len(self.patch_nums) or len(known_mask) != len(self.patch_nums):
+      return None
+    lengths = [pn * pn for pn in self.sample_patch_nums]
+    if len(known_idx) != len(lengths) or len(known_mask) != len(lengths):
       raise ValueError(
-        f"known_idx/known_mask need one entry per scale ({len(self.patch_nums)}); got "
+        f"known_idx/known_mask need one entry per scale ({len(lengths)}); got "
         f"{len(known_idx)} / {len(known_mask)}"
       )
-    ki, km = [], []
-    for si, (n, i, m) in enumerate(zip(self.lengths, known_idx, known_mask, strict=True)):
-      i, m = jnp.asarray(i), jnp.asarray(m)
+    ki = [jnp.asarray(i).astype(jnp.int32) for i in known_idx]
+    km = [jnp.asarray(m).astype(bool) for m in known_mask]
+    for si, (n, i, m) in enumerate(zip(lengths, ki, km, strict=True)):
       if i.shape != (B, n) or m.shape != (B, n):
         raise ValueError(
           f"known_idx[{si}] / known_mask[{si}] must be [B={B}, {n}]; got {i.shape} / {m.shape}"
         )
-      ki.append(i.astype(jnp.int32))
-      km.append(m.astype(bool))
     return ki, km
 
-  def sample_tokens(
-    self,
-    params,
-    labels,
-    rng,
-    *,
-    cfg=1.5,
-    top_k=900,
-    top_p=0.96,
-    more_smooth=False,
-    known_idx=None,
-    known_mask=None,
-    return_logits=False,
-    cfg_schedule="linear",
-  ):
+  def sample_tokens(self, params, labels, rng, **settings):
     """Samples images and returns the per-scale tokens too.
 
     Args:
       params: VAR params plus `params["tokenizer"]`.
       labels: int `[B]` class labels in [0, num_classes] (`num_classes` = unconditional).
       rng: a jax PRNG key; the result is a deterministic function of it.
-      cfg: guidance; logits = uncond + s (cond - uncond) with s = 1 + t, t = cfg * si /
-        (num_scales - 1) under the official "linear" `cfg_schedule` (see `guidance_scale`).
-      top_k: keep the k largest logits (0 = off).
-      top_p: nucleus threshold (official rule; 0 = off).
-      more_smooth: Gumbel-softmax soft embeddings (visualisation only, as official).
-      known_idx, known_mask: optional per-scale `[B, pn*pn]` tokens and bool masks; masked
-        positions are teacher-forced at every scale (zero-shot inpainting/outpainting/editing).
-      return_logits: also return the guided logits `[B, pn*pn, V]` per scale (before filtering).
-      cfg_schedule: "linear" (official), "constant" (s = 1 + cfg at every scale) or a tuple of
-        one scale s per scale (static).
+      **settings: `SAMPLE_SETTINGS` (defaults there):
+        cfg: guidance; logits = uncond + s (cond - uncond) with s = 1 + t, t = cfg * si /
+          (num_scales - 1) under the official "linear" `cfg_schedule` (see `guidance_scale`).
+        top_k: keep the k largest logits (0 = off). top_p: nucleus threshold (0 = off).
+        more_smooth: Gumbel-softmax soft embeddings (visualisation only, as official).
+        known_idx, known_mask: optional per-scale `[B, pn*pn]` tokens and bool masks; masked
+          positions are teacher-forced at every scale (zero-shot inpainting/outpainting/editing).
+        return_logits: also return the guided logits `[B, pn*pn, V]` per scale (unfiltered).
+        cfg_schedule: "linear" (official), "constant" (s = 1 + cfg) or one s per scale (static).
+      cfg, top_k and top_p are traced (no recompilation); the others are static.
 
     Returns:
       `(images uint8 [B, H, W, C], idx list of int32 [B, pn*pn], logits list or None)`.
     """
+    unknown = sorted(set(settings) - set(SAMPLE_SETTINGS))
+    if unknown:
+      raise ValueError(
+        f"var sampling settings {unknown} unknown; accepted: {list(SAMPLE_SETTINGS)}"
+      )
+    s = {**SAMPLE_SETTINGS, **settings}
     labels = self.check_labels(labels)
-    known_idx, known_mask = self._check_known(labels, known_idx, known_mask)
-    if not isinstance(cfg_schedule, str):
-      cfg_schedule = tuple(float(s) for s in cfg_schedule)
-    guidance_scale(cfg_schedule, 0.0, 0, len(self.patch_nums))  # fails now on a bad schedule
-    return self._sample_jit(
-      params,
-      labels,
-      rng,
-      jnp.float32(cfg),
-      jnp.int32(top_k),
-      jnp.float32(top_p),
-      known_idx,
-      known_mask,
-      more_smooth=bool(more_smooth),
-      return_logits=bool(return_logits),
-      cfg_schedule=cfg_schedule,
-    )
+    known = self._check_known(labels.shape[0], s["known_idx"], s["known_mask"])
+    schedule = s["cfg_schedule"]
+    schedule = schedule if isinstance(schedule, str) else tuple(float(v) for v in schedule)
+    guidance_scale(schedule, 0.0, 0, len(self.sample_patch_nums))  # fails now on a bad schedule
+    knobs = (jnp.float32(s["cfg"]), jnp.int32(s["top_k"]), jnp.float32(s["top_p"]))
+    static = dict(more_smooth=bool(s["more_smooth"]), return_logits=bool(s["return_logits"]))
+    return self._sample_jit(params, labels, rng, knobs, known, cfg_schedule=schedule, **static)
+
+
+# Sampling settings and their defaults (official VAR): traced ones never recompile the sampler.
+TRACED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
+STATIC_SETTINGS = dict(more_smooth=False, return_logits=False, cfg_schedule="linear")
+SAMPLE_SETTINGS = {**TRACED_SETTINGS, **STATIC_SETTINGS, "known_idx": None, "known_mask": None}
 
 
 def guidance_scale(schedule, cfg, si: int, num_scales: int):

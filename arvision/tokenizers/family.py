@@ -18,6 +18,8 @@ Loss: `l1_weight*L1 + l2_weight*L2 + quant_weight*quantizer_loss` (VQ types) or
 Generator-facing API (all take the tokenizer's params, all jit-able):
 - msvq (VAR): `encode_idx` -> list of int32 [B, pn*pn]; `idx_to_var_input`; `next_input`;
   `decode_fhat`; `decode_idx`; `codebook`; attributes `patch_nums`, `vocab_size`, `embed_dim`.
+  FlexVAR-style independent scales (`model.scales="independent"` of the var family):
+  `encode_idx_independent`, `independent_input`.
 - vq (LlamaGen): `encode_idx` -> int32 [B, h*w]; `decode_idx`; `codebook`.
 - kl (MAR): `encode_latent(params, images, rng=None)` -> z * scale_factor [B, h, w, embed_dim]
   (posterior sample with `rng`, mode without); `decode_latent(params, z)`.
