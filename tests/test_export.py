@@ -233,4 +233,15 @@ def test_converters_infer_sizes_from_the_checkpoints():
   for k in ("encoder_depth", "encoder_embed_dim", "decoder_depth", "buffer_size", "diffloss_w"):
     assert mar.model[k] == want[k], k
   assert mar.data.num_classes == 10 and mar.data.image_size == 64
-  cm.convert_mar(_zeros_sd(MAR["mar_small"]), _small_mar_config())  # the inferred shapes fit
+  cm.convert_mar(_zeros_sd(MAR["mar_small"]), mar)  # the inferred shapes fit
+
+  # tokenizers: the released ones infer exactly the shipped configs; small ones their sizes
+  assert cm.infer_vae_config(_zeros_sd(MAR["vae_kl16"])).model.to_dict() == (
+    cm.vae_config().model.to_dict()
+  )
+  assert cl.infer_vq_config(_zeros_sd(LLAMAGEN["vq16_full"])).model.to_dict() == (
+    cl.vq_config().model.to_dict()
+  )
+  vq = cl.infer_vq_config(_zeros_sd(LLAMAGEN["vq_small"]))
+  assert (vq.model.ch, tuple(vq.model.ch_mult), vq.model.z_channels) == (128, (1, 2), 32)
+  cl.convert_vq(_zeros_sd(LLAMAGEN["vq_small"]))

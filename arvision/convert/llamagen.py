@@ -64,9 +64,39 @@ def vq_config(variant: str = "llamagen_vq16", image_size: int | None = None) -> 
   return c
 
 
+def _count(state_dict: dict, prefix: str) -> int:
+  idx = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+  return 1 + max(idx) if idx else 0
+
+
+def infer_vq_config(state_dict: dict, image_size: int | None = None) -> mlc.ConfigDict:
+  """The VQ config whose shapes match the checkpoint: channels and levels from the encoder's
+  convs, residual blocks per level, latent and codebook sizes, and whether the last level
+  attends (VQ-16's `using_sa`)."""
+  for key in ("encoder.conv_in.weight", "quantize.embedding.weight", "encoder.conv_out.weight"):
+    if key not in state_dict:
+      raise errors.UserError(f"not a LlamaGen VQ checkpoint: key {key!r} is missing")
+  c = mlc.ConfigDict(vq_config(image_size=image_size).to_dict())
+  ch = int(state_dict["encoder.conv_in.weight"].shape[0])
+  levels = _count(state_dict, "encoder.conv_blocks.")
+  m = c.model
+  m.ch = ch
+  m.ch_mult = tuple(
+    int(state_dict[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0]) // ch
+    for i in range(levels)
+  )
+  m.num_res_blocks = _count(state_dict, "encoder.conv_blocks.0.res.")
+  m.z_channels = int(state_dict["encoder.conv_out.weight"].shape[0])
+  m.vocab_size, m.embed_dim = (int(x) for x in state_dict["quantize.embedding.weight"].shape)
+  m.quant_conv_ks = int(state_dict["quant_conv.weight"].shape[-1])
+  m.using_sa = f"encoder.conv_blocks.{levels - 1}.attn.0.q.weight" in state_dict
+  return c
+
+
 def convert_vq(state_dict: dict, config=None) -> tuple[dict, mlc.ConfigDict]:
-  """LlamaGen VQModel state dict -> (tokenizer params `{"ae": ...}`, tokenizer config)."""
-  config = config or vq_config()
+  """LlamaGen VQModel state dict -> (tokenizer params `{"ae": ...}`, tokenizer config); the
+  config is inferred from the checkpoint's shapes unless given."""
+  config = config or infer_vq_config(state_dict)
   family = families.build(config)
   ae = common.convert(
     state_dict,
@@ -170,7 +200,8 @@ def _tokenizer_from(vae: str, image_size: int):
     with config.unlocked():
       config.data.image_size = image_size  # the conv tokenizer works at any multiple of 16
     return loaded["params"], config
-  return convert_vq(common.load_torch_state_dict(vae), vq_config(image_size=image_size))
+  sd = common.load_torch_state_dict(vae)
+  return convert_vq(sd, infer_vq_config(sd, image_size))
 
 
 def main_llamagen_vq(path: str, out: str) -> str:

@@ -32,9 +32,38 @@ def vae_config(variant: str = "mar_kl16") -> mlc.ConfigDict:
   return config_util.load_config_file(f"tokenizer.py:{variant}")
 
 
+def infer_vae_config(state_dict: dict) -> mlc.ConfigDict:
+  """The KL-VAE config whose shapes match the checkpoint: channels and levels from the encoder's
+  convs, residual blocks per level, latent width (`post_quant_conv`), and the encoder levels
+  that attend (as feature sides at the config's image size)."""
+  for key in ("encoder.conv_in.weight", "post_quant_conv.weight"):
+    if key not in state_dict:
+      raise errors.UserError(f"not a KL-VAE checkpoint: key {key!r} is missing")
+  c = mlc.ConfigDict(vae_config().to_dict())
+  ch = int(state_dict["encoder.conv_in.weight"].shape[0])
+  levels = _count(state_dict, "encoder.down.")
+  m = c.model
+  m.ch = ch
+  m.ch_mult = tuple(
+    int(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch for i in range(levels)
+  )
+  m.num_res_blocks = _count(state_dict, "encoder.down.0.block.")
+  m.z_channels, m.embed_dim = (int(x) for x in state_dict["post_quant_conv.weight"].shape[:2])
+  m.quant_conv_ks = int(state_dict["quant_conv.weight"].shape[-1])
+  side = int(c.data.image_size)
+  m.enc_attn_resolutions = tuple(
+    side >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state_dict
+  )
+  m.dec_attn_resolutions = tuple(
+    side >> i for i in range(levels) if f"decoder.up.{i}.attn.0.q.weight" in state_dict
+  )
+  return c
+
+
 def convert_vae(state_dict: dict, config=None) -> tuple[dict, mlc.ConfigDict]:
-  """MAR's `AutoencoderKL` state dict -> (tokenizer params `{"ae": ...}`, tokenizer config)."""
-  config = config or vae_config()
+  """MAR's `AutoencoderKL` state dict -> (tokenizer params `{"ae": ...}`, tokenizer config); the
+  config is inferred from the checkpoint's shapes unless given."""
+  config = config or infer_vae_config(state_dict)
   family = families.build(config)
   ae = common.convert(
     state_dict, family.abstract_params()["ae"], skip=VAE_SKIP, what="MAR KL-VAE checkpoint"
