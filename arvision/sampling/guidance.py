@@ -80,5 +80,3 @@ def per_step(scales: Sequence[float], step, num_steps: int):
     )
   return jnp.asarray(scales, jnp.float32)[step]
 
-
-SCHEDULES = ("constant", "linear", "interval", "per_step")
