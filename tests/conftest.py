@@ -331,3 +331,15 @@ def var_kit():
     setup_var=var_setup,
     random_images=random_images,
   )
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+  """A stand-in Hugging Face Hub on 127.0.0.1 serving tiny official-format VAR checkpoints under
+  the real `var-d16` file names (tests/standin_hub.py), with HF_ENDPOINT / HF_HOME /
+  ARVISION_CACHE pointing at it and `tmp_path`. Needs torch (it writes .pth files)."""
+  import standin_hub  # noqa: PLC0415
+
+  server = standin_hub.start(tmp_path, monkeypatch)
+  yield server
+  server.close()
