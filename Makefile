@@ -11,7 +11,7 @@ QUICKSTART ?= runs/quickstart
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,convert]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,convert,demo]"
 	# torch-fidelity: only its Inception module, an independent reference for our FID port
 	# (--no-deps: it asks for torchvision, which has no CPU build that matches torch here).
 	$(BIN)/python -m pip install -q --no-deps torch-fidelity==0.4.0

@@ -6,6 +6,7 @@
     arvision sample --workdir runs/var --labels 0,3,7 --out grid.png [--sample_kw cfg=2.0,top_k=100]
     arvision sample --model var-d16 --labels 207,360,387 --out grid.png --sample_kw cfg=1.5,top_k=900
     arvision zoo                                # the official models by name, and what is cached
+    arvision demo --model var-d16 [--port 7860] # a browser app: class, knobs, grid, inpainting
     arvision export --workdir runs/var --format safetensors --out runs/var_st
     arvision export --workdir runs/var --format official --out var_d16.pth
     arvision tokenize --workdir runs/tok --out runs/tok_codes [--views center_flip]
@@ -37,7 +38,7 @@ from ml_collections import config_flags
 
 from arvision import config_util, errors
 
-COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify", "zoo", "export")
+COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify", "zoo", "export", "demo")
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "path/to/config.py[:variant]", lock_config=True
@@ -46,7 +47,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, met
 _MODEL = flags.DEFINE_string(
   "model",
   None,
-  "sample/eval/export: instead of --workdir, a zoo name (`arvision zoo`), hf://<repo>/<file>, "
+  "sample/eval/export/demo: instead of --workdir, a zoo name (`arvision zoo`), hf://<repo>/<file>, "
   "or a converted/exported dir; downloaded and converted once, then cached",
 )
 _FORMAT = flags.DEFINE_enum(
@@ -70,6 +71,8 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "eval: number of sample
 _LABELS = flags.DEFINE_string("labels", "0", "sample: comma-separated class labels")
 _PER_LABEL = flags.DEFINE_integer("per_label", 8, "sample: images per label (one row each)")
 _SEED = flags.DEFINE_integer("seed", 0, "sample/eval: rng seed")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "demo: address to serve on (0.0.0.0: all)")
+_PORT = flags.DEFINE_integer("port", 7860, "demo: port to serve on")
 _SAMPLE_KW = flags.DEFINE_string("sample_kw", "", "sampling overrides, e.g. cfg=1.5,top_k=900")
 _INCEPTION_WEIGHTS = flags.DEFINE_string(
   "inception_weights",
@@ -181,6 +184,14 @@ def _sample():
   out = _OUT.value or "samples.png"
   visualize.save_grid(out, images, nrow=_PER_LABEL.value, scale=2)
   print(f"wrote {out}")
+
+
+def _demo():
+  from arvision import demo
+
+  if _MODEL.value and _WORKDIR.value:
+    raise errors.UserError("pass one of --model and --workdir, not both")
+  demo.serve(_MODEL.value or _require(_WORKDIR, "workdir"), host=_HOST.value, port=_PORT.value)
 
 
 def _tokenize():
@@ -317,6 +328,7 @@ def main(argv):
       "verify": _verify,
       "zoo": _zoo,
       "export": _export,
+      "demo": _demo,
     }
     commands[_COMMAND]()
   except errors.UserError as e:

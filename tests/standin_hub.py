@@ -22,10 +22,10 @@ with open(os.path.join(HERE, "data", "var_official_keys.json")) as f:
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def random_sd(table, seed) -> dict:
-  """Seeded standard-normal float32 arrays of the table's shapes, by key."""
+def random_sd(table, seed, std=1.0) -> dict:
+  """Seeded normal float32 arrays (standard deviation `std`) of the table's shapes, by key."""
   rng = np.random.default_rng(seed)
-  return {k: rng.standard_normal(s).astype(np.float32) for k, s in table.items()}
+  return {k: (std * rng.standard_normal(s)).astype(np.float32) for k, s in table.items()}
 
 
 class StandInHub:
@@ -98,18 +98,21 @@ class StandInHub:
     self.server.server_close()
 
 
-def start(tmp_path, monkeypatch) -> StandInHub:
+def start(tmp_path, monkeypatch, var_std=1.0) -> StandInHub:
   """Writes the tiny VAR checkpoints under `tmp_path/hub`, serves them and points
-  HF_ENDPOINT / HF_HOME / ARVISION_CACHE at the server and `tmp_path`."""
+  HF_ENDPOINT / HF_HOME / ARVISION_CACHE at the server and `tmp_path`.
+
+  `var_std`: the transformer's weight scale. At 1 its logits are so peaked that sampling is
+  argmax whatever the rng; a small one (0.02, the official init's) gives spread-out logits."""
   import torch  # noqa: PLC0415 (only the tests that build .pth files need torch)
 
-  def sd(table, seed):
-    return {k: torch.from_numpy(v) for k, v in random_sd(TABLES[table], seed).items()}
+  def sd(table, seed, std=1.0):
+    return {k: torch.from_numpy(v) for k, v in random_sd(TABLES[table], seed, std).items()}
 
   repo = tmp_path / "hub" / "FoundationVision" / "var"
   repo.mkdir(parents=True)
   torch.save(sd("vae_small", 1), repo / "vae_ch160v4096z32.pth")
-  torch.save(sd("var_small", 2), repo / "var_d16.pth")
+  torch.save(sd("var_small", 2, var_std), repo / "var_d16.pth")
   server = StandInHub(str(tmp_path / "hub"))
   monkeypatch.setenv("HF_ENDPOINT", server.url)
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
