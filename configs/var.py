@@ -21,8 +21,10 @@ Variants (`configs/var.py:<variant>`):
 Variant hooks (`model.*`, `arvision/models/next_scale.py`; the defaults are VAR): `mask`
 (scale_causal | block_diagonal), `scales` (residual | independent, FlexVAR-style inputs),
 `scale_loss` (tokens | lognormal, with `scale_loss_mu`/`scale_loss_sigma`), `head` (a name in
-`arvision.models.heads.HEADS`; VAR predicts codes: categorical) and `sample_patch_nums` (empty =
-the training schedule; VAR cannot change it, its pos_1LC / lvl_embed tables are per scale).
+`arvision.models.heads.HEADS`: categorical = VAR's logits; flow / diffusion model each token's
+code vector, FlowAR-style, with `head_width`/`head_depth`/`head_steps`) and `sample_patch_nums`
+(empty = the training schedule; VAR cannot change it, its pos_1LC / lvl_embed tables are per
+scale).
 
 Recipe notes. lr = tblr * batch / 256 (`optim.lr_scaling="batch256"`); AdamW (0.9, 0.95), wd 0.05
 without decay on pos_*, lvl_embed, ada_gss, scale_mul, biases and 1-D params; clip 2.0; warmup
@@ -130,7 +132,10 @@ def _model(depth, width=0, heads=0, alng=1e-5, saln=False, drop_path_rate=None):
       scale_loss="tokens",
       scale_loss_mu=0.0,
       scale_loss_sigma=1.0,
-      head="categorical",
+      head="categorical",  # or a continuous head (flow | diffusion) over code vectors
+      head_width=0,  # continuous heads: MLP width (0 = model width), depth, sampling steps
+      head_depth=2,
+      head_steps=25,
       sample_patch_nums=(),
     )
   )

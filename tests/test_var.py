@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from arvision.models import layers
@@ -549,11 +550,54 @@ def test_sample_schedule_hook(var_kit):
 
 def test_head_hook(var_kit):
   fam, _ = var_kit.make_family(head="categorical")
-  assert "head" in fam.abstract_params()
-  with pytest.raises(ValueError, match="categorical"):
-    var_kit.make_family(head="flow")
+  assert set(fam.abstract_params()["head"]) == {"kernel", "bias"}
   with pytest.raises(ValueError, match="model.head='bits'"):
     var_kit.make_family(head="bits")
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_continuous_head_trains_and_samples(head, var_kit):
+  """FlowAR-style: a continuous head models each token's code vector given the hidden state;
+  sampling feeds the sampled vectors to the scale inputs and reports their nearest codes."""
+  fam, tok = var_kit.make_family(alng=0.5, head=head, head_width=16, head_steps=4)
+  params = var_kit.make_params(fam, tok)
+  assert "net" in params["head"] and "kernel" not in params["head"]
+  batch = {"image": var_kit.random_images(0, 4, tok), "label": jnp.array([0, 1, 2, 3])}
+  trainable = {k: v for k, v in params.items() if k != "tokenizer"}
+  opt = optax.adam(3e-3)
+  state = opt.init(trainable)
+
+  def loss_of(tp, rng):
+    return fam.loss({**tp, "tokenizer": params["tokenizer"]}, batch, rng, True)[0]
+
+  @jax.jit
+  def step(tp, state, rng):
+    loss, g = jax.value_and_grad(loss_of)(tp, rng)
+    upd, state = opt.update(g, state, tp)
+    return optax.apply_updates(tp, upd), state, loss
+
+  # The same fixed noise before and after (the loss is a Monte-Carlo estimate).
+  probe = jax.jit(
+    lambda tp: jnp.mean(jnp.stack([loss_of(tp, jax.random.key(i)) for i in range(4)]))
+  )
+  first = float(probe(trainable))
+  for i in range(15):
+    trainable, state, _ = step(trainable, state, jax.random.key(100 + i))
+  last = float(probe(trainable))
+  assert np.isfinite(last) and last < first, (first, last)
+  params = {**trainable, "tokenizer": params["tokenizer"]}
+  labels = jnp.array([1, 2])
+  img, idx, logits = fam.sample_tokens(params, labels, jax.random.key(0), cfg=1.5)
+  img2, idx2, _ = fam.sample_tokens(params, labels, jax.random.key(0), cfg=1.5)
+  np.testing.assert_array_equal(img, img2)
+  assert logits is None and img.dtype == jnp.uint8 and img.shape == (2, 8, 8, 1)
+  for si, i in enumerate(idx):
+    assert i.shape == (2, fam.lengths[si]) and np.all((np.asarray(i) >= 0) & (np.asarray(i) < 16))
+  gt = tok.encode_idx(params["tokenizer"], var_kit.random_images(1, 2, tok))
+  km = [jnp.ones_like(i, bool) for i in gt]
+  _, kidx, _ = fam.sample_tokens(params, labels, jax.random.key(0), known_idx=gt, known_mask=km)
+  for a, b in zip(kidx, gt, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_lognormal_scale_loss(var_kit):

@@ -7,6 +7,7 @@
   residual codes, read at the next scale's size) or `independent` (FlexVAR-style: each scale is
   its own quantization of the downsampled latent; the next input is the current scale's map
   upsampled). Both run through the tokenizer's methods (`ScaleInputs.methods`).
+- sampling: `cfg_scale` (the `cfg_schedule` setting) and `check_known` (teacher-forced tokens).
 - `scale_loss`: how scales weigh in the loss. `tokens` (VAR: every token 1/L, so a scale weighs
   by its token count) or `lognormal` (HMAR-style: scale k's mean loss weighted by a log-normal
   density at k + 1, normalised over scales).
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arvision.ops import masks
+from arvision.sampling import guidance
 
 MASKS = {"scale_causal": masks.scale_causal, "block_diagonal": masks.block_diagonal}
 SCALE_LOSSES = ("tokens", "lognormal")
@@ -158,6 +160,43 @@ def check_sample_schedule(
       f"{patch_nums[-1]}"
     )
   return sample
+
+
+def cfg_scale(schedule, cfg, si: int, num_scales: int):
+  """The guidance scale s of scale `si` (`sample_tokens(cfg_schedule=...)`): "linear" (official
+  VAR, s = 1 + cfg si / (n - 1)), "constant" (s = 1 + cfg) or a tuple of one s per scale."""
+  if schedule == "linear":
+    return guidance.linear_excess(cfg, si, num_scales)
+  if schedule == "constant":
+    return 1.0 + guidance.constant(cfg, si)
+  if isinstance(schedule, tuple):
+    return guidance.per_step(schedule, si, num_scales)
+  raise ValueError(
+    f"cfg_schedule={schedule!r} is unknown; accepted: 'linear', 'constant' or one scale per scale"
+  )
+
+
+def check_known(patch_nums, B: int, known_idx, known_mask):
+  """None, or per-scale `(int32 idx, bool mask)` lists checked against `[B, pn*pn]` (tokens
+  teacher-forced while sampling: zero-shot inpainting / outpainting / editing)."""
+  if (known_idx is None) != (known_mask is None):
+    raise ValueError("known_idx and known_mask must be given together (or neither)")
+  if known_idx is None:
+    return None
+  lengths = [pn * pn for pn in patch_nums]
+  if len(known_idx) != len(lengths) or len(known_mask) != len(lengths):
+    raise ValueError(
+      f"known_idx/known_mask need one entry per scale ({len(lengths)}); got "
+      f"{len(known_idx)} / {len(known_mask)}"
+    )
+  ki = [jnp.asarray(i).astype(jnp.int32) for i in known_idx]
+  km = [jnp.asarray(m).astype(bool) for m in known_mask]
+  for si, (n, i, m) in enumerate(zip(lengths, ki, km, strict=True)):
+    if i.shape != (B, n) or m.shape != (B, n):
+      raise ValueError(
+        f"known_idx[{si}] / known_mask[{si}] must be [B={B}, {n}]; got {i.shape} / {m.shape}"
+      )
+  return ki, km
 
 
 def scale_mean(x_BxL: jax.Array, bounds) -> jax.Array:

@@ -71,6 +71,9 @@ class VAR(nn.Module):
     norm_eps: LayerNorm epsilon.
     attn_impl: implementation for `arvision.ops.attention`.
     mask: `next_scale.MASKS` name: "scale_causal" (VAR) or "block_diagonal" (Markovian).
+    head_kind: `heads.HEADS` name. "categorical" (VAR: logits over the codebook) or a continuous
+      head ("flow", "diffusion") that models each token's code vector given the hidden state.
+    head_width, head_depth, head_steps: the continuous head's MLP and sampling steps.
   """
 
   depth: int
@@ -92,6 +95,10 @@ class VAR(nn.Module):
   norm_eps: float = 1e-6
   attn_impl: str = "auto"
   mask: str = "scale_causal"
+  head_kind: str = "categorical"
+  head_width: int = 0
+  head_depth: int = 2
+  head_steps: int = 25
 
   @property
   def lengths(self) -> tuple[int, ...]:
@@ -146,6 +153,11 @@ class VAR(nn.Module):
       for i in range(self.depth)
     ]
     self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
+    if self.head_kind != "categorical":
+      self.head = heads_lib.head_class(self.head_kind)(
+        self.cvae, C, self.head_width or C, self.head_depth, self.head_steps
+      )
+      return
     self.head = heads_lib.CategoricalHead(
       self.vocab_size,
       kernel_init=param_init(scaled_init(tn, self.init_head), ("embed", "vocab")),
@@ -167,6 +179,12 @@ class VAR(nn.Module):
   def _logits(self, x_BxLxC: jax.Array, cond_BxD: jax.Array) -> jax.Array:
     # fp32 island, as the official `get_logits` (`.float()`).
     x = self.head_nm(x_BxLxC.astype(jnp.float32), cond_BxD.astype(jnp.float32))
+    if self.head_kind != "categorical":  # a continuous head's condition z, `[B, L, C]`
+      if self.is_initializing():  # create the head's params
+        self.head(
+          jnp.zeros(x.shape[:2] + (self.cvae,)).reshape(-1, self.cvae), x.reshape(-1, self.width)
+        )
+      return x
     return constrain(self.head(x).astype(jnp.float32), ("batch", "seq", "vocab"))
 
   # --- training forward ------------------------------------------------------------------------
@@ -204,6 +222,14 @@ class VAR(nn.Module):
     for block in self.blocks:
       x, _ = block(x, cond, mask=mask, deterministic=not train)
     return self._logits(x, cond_BxD)
+
+  def head_loss(self, target_NxC: jax.Array, z_NxC: jax.Array) -> jax.Array:
+    """A continuous head's loss (rng stream "diffusion")."""
+    return self.head(target_NxC, z_NxC)
+
+  def head_sample(self, z_2NxC: jax.Array, cfg, rng: jax.Array) -> jax.Array:
+    """A continuous head's guided samples for `[cond; uncond]` rows, `[2N, cvae]`."""
+    return self.head.sample(z_2NxC, 1.0, cfg, self.head_steps, rng, guided=True)
 
   # --- cached decoding (called through `apply(..., method=...)`) --------------------------------
 
@@ -251,7 +277,7 @@ class VARFamily(Generator):
   The tokenizer family must provide `codebook`, `config.model.{patch_nums, vocab_size, embed_dim
   or z_channels}` and the methods of the `model.scales` strategy (`next_scale.SCALE_INPUTS`).
   Variant hooks (`config.model`): `mask`, `scales`, `scale_loss` (see `next_scale`), `head`
-  (`heads.HEADS`; VAR's transformer predicts codebook indices, so `categorical`) and
+  (`heads.HEADS`: `categorical` logits, or a continuous head over code vectors) and
   `sample_patch_nums` (the sampling schedule; VAR's must equal the training one, its tables are
   per scale; a subclass without per-scale tables sets `per_scale_tables = None`).
   """
@@ -294,11 +320,9 @@ class VARFamily(Generator):
       float(m.get("scale_loss_sigma", 1.0)),
     )
     head = str(m.get("head", "categorical"))
-    if heads_lib.head_class(head) is not heads_lib.CategoricalHead:
-      raise ValueError(
-        f"model.head={head!r}: the var family predicts codebook indices and supports "
-        "'categorical' only; a continuous head needs continuous per-scale targets"
-      )
+    heads_lib.head_class(head)  # fails now on an unknown head
+    # A continuous head models each token's code vector (FlowAR-style) instead of its index.
+    self.continuous = head != "categorical"
     self.module = VAR(
       depth=depth,
       width=width,
@@ -320,10 +344,17 @@ class VARFamily(Generator):
       norm_eps=float(m.get("norm_eps", 1e-6)),
       attn_impl=str(m.get("attn_impl", "auto")),
       mask=str(m.get("mask", "scale_causal")),
+      head_kind=head,
+      head_width=int(m.get("head_width", 0)),
+      head_depth=int(m.get("head_depth", 2)),
+      head_steps=int(m.get("head_steps", 25)),
     )
     next_scale.train_mask(self.module.mask, self.module.lengths)  # fails now on an unknown mask
     self.lengths = self.module.lengths
     self.seq_len = self.module.seq_len
+
+  def init_rngs(self, rng: jax.Array) -> dict:
+    return {"params": rng, "diffusion": rng} if self.continuous else {"params": rng}
 
   def init_inputs(self) -> tuple:
     label = jnp.zeros((1,), jnp.int32)
@@ -355,8 +386,10 @@ class VARFamily(Generator):
     teacher = self.scales.teacher(tok_p, idx_list, self.tokenizer.codebook(tok_p))
     teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
-    logits_BxLxV = self.apply(params, label, teacher, rng=rng, train=train)
     gt_BxL = jnp.concatenate(idx_list, axis=1)
+    if self.continuous:
+      return self._head_loss(params, label, teacher, gt_BxL, rng, train)
+    logits_BxLxV = self.apply(params, label, teacher, rng=rng, train=train)
     V = logits_BxLxV.shape[-1]
     ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, gt_BxL)
     if self.label_smoothing > 0:
@@ -377,6 +410,26 @@ class VARFamily(Generator):
       metrics[f"loss_s{k}"] = jnp.mean(ce_BxL[:, b:e])
       metrics[f"acc_s{k}"] = jnp.mean(correct_BxL[:, b:e])
     return loss, metrics
+
+  def _head_loss(self, params, label, teacher, gt_BxL, rng, train):
+    """A continuous head's loss on the ground-truth code vectors of every token."""
+    k_drop, k_head = jax.random.split(jax.random.key(0) if rng is None else rng)
+    z_BxLxC = self.apply(params, label, teacher, rng=k_drop, train=train)
+    target = self.tokenizer.codebook(params["tokenizer"])[gt_BxL].astype(jnp.float32)
+    z, target = z_BxLxC.reshape(-1, z_BxLxC.shape[-1]), target.reshape(-1, target.shape[-1])
+    rngs = {"diffusion": k_head}
+    target = jax.lax.stop_gradient(target)
+    loss = self.module.apply(self._vars(params), target, z, method=VAR.head_loss, rngs=rngs)
+    return loss, {"loss": loss}
+
+  def _head_pick(self, params, out_2Bxlxc, scale, rng, codebook_VxC):
+    """A continuous head's sampled code vectors `[B, l, C]` and their nearest codes `[B, l]`."""
+    B, l, _ = out_2Bxlxc.shape
+    B //= 2
+    z = out_2Bxlxc.reshape(2 * B * l, -1)  # rows: the B*l conditional, then the unconditional
+    h = self.module.apply(self._vars(params), z, scale, rng, method=VAR.head_sample)[: B * l]
+    dist = jnp.sum(codebook_VxC**2, axis=-1) - 2.0 * h @ codebook_VxC.T  # + |h|^2, constant
+    return h.reshape(B, l, -1), jnp.argmin(dist, axis=-1).astype(jnp.int32).reshape(B, l)
 
   # --- sampling ----------------------------------------------------------------------------------
 
@@ -400,20 +453,24 @@ class VARFamily(Generator):
     for si, pn in enumerate(pns):
       ratio = si / (n - 1) if n > 1 else 0.0
       logits_2Bxlxv, caches = mod.apply(var_vars, x, cond_2BxD, caches, si, method=VAR.step)
-      scale = guidance_scale(cfg_schedule, cfg, si, n)
-      logits = guidance.guide(logits_2Bxlxv[:B], logits_2Bxlxv[B:], scale)
+      scale = next_scale.cfg_scale(cfg_schedule, cfg, si, n)
       rng, k_idx, k_gumbel = jax.random.split(rng, 3)
-      filtered = filter_top_k_top_p(logits, top_k, top_p)
-      idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
+      h_BlC = logits = None  # h: a soft or continuous code vector, else the code's entry
+      if self.continuous:  # the step's output is the head's condition z, not logits
+        h_BlC, idx_Bl = self._head_pick(params, logits_2Bxlxv, scale, k_idx, codebook_VxC)
+      else:
+        logits = guidance.guide(logits_2Bxlxv[:B], logits_2Bxlxv[B:], scale)
+        filtered = filter_top_k_top_p(logits, top_k, top_p)
+        idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
+        if more_smooth:
+          tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+          h_BlC = gumbel_softmax(k_gumbel, filtered * (1 + ratio), tau) @ codebook_VxC
       if known is not None:
         idx_Bl = jnp.where(known_mask[si], known_idx[si], idx_Bl)
-      if more_smooth:
-        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        h_BlC = gumbel_softmax(k_gumbel, filtered * (1 + ratio), tau) @ codebook_VxC
-        if known is not None:
-          h_BlC = jnp.where(known_mask[si][..., None], codebook_VxC[idx_Bl], h_BlC)
-      else:
+      if h_BlC is None:
         h_BlC = codebook_VxC[idx_Bl]
+      elif known is not None:
+        h_BlC = jnp.where(known_mask[si][..., None], codebook_VxC[idx_Bl], h_BlC)
       idx_out.append(idx_Bl)
       logits_out.append(logits)
       state, nxt = self.sample_scales.advance(tok_p, si, state, h_BlC.reshape(B, pn, pn, Cvae))
@@ -422,27 +479,6 @@ class VARFamily(Generator):
         x = jnp.concatenate([x, x], axis=0)
     img_u8 = self.decode_images(params, state, "decode_fhat")
     return img_u8, idx_out, (logits_out if return_logits else None)
-
-  def _check_known(self, B, known_idx, known_mask):
-    """None, or per-scale `(int32 idx, bool mask)` lists checked against `[B, pn*pn]`."""
-    if (known_idx is None) != (known_mask is None):
-      raise ValueError("known_idx and known_mask must be given together (or neither)")
-    if known_idx is None:
-      return None
-    lengths = [pn * pn for pn in self.sample_patch_nums]
-    if len(known_idx) != len(lengths) or len(known_mask) != len(lengths):
-      raise ValueError(
-        f"known_idx/known_mask need one entry per scale ({len(lengths)}); got "
-        f"{len(known_idx)} / {len(known_mask)}"
-      )
-    ki = [jnp.asarray(i).astype(jnp.int32) for i in known_idx]
-    km = [jnp.asarray(m).astype(bool) for m in known_mask]
-    for si, (n, i, m) in enumerate(zip(lengths, ki, km, strict=True)):
-      if i.shape != (B, n) or m.shape != (B, n):
-        raise ValueError(
-          f"known_idx[{si}] / known_mask[{si}] must be [B={B}, {n}]; got {i.shape} / {m.shape}"
-        )
-    return ki, km
 
   def sample_tokens(self, params, labels, rng, **settings):
     """Samples images and returns the per-scale tokens too.
@@ -453,7 +489,7 @@ class VARFamily(Generator):
       rng: a jax PRNG key; the result is a deterministic function of it.
       **settings: `SAMPLE_SETTINGS` (defaults there):
         cfg: guidance; logits = uncond + s (cond - uncond) with s = 1 + t, t = cfg * si /
-          (num_scales - 1) under the official "linear" `cfg_schedule` (see `guidance_scale`).
+          (num_scales - 1) under the official "linear" `cfg_schedule` (see `next_scale.cfg_scale`).
         top_k: keep the k largest logits (0 = off). top_p: nucleus threshold (0 = off).
         more_smooth: Gumbel-softmax soft embeddings (visualisation only, as official).
         known_idx, known_mask: optional per-scale `[B, pn*pn]` tokens and bool masks; masked
@@ -472,10 +508,12 @@ class VARFamily(Generator):
       )
     s = {**SAMPLE_SETTINGS, **settings}
     labels = self.check_labels(labels)
-    known = self._check_known(labels.shape[0], s["known_idx"], s["known_mask"])
+    known = next_scale.check_known(
+      self.sample_patch_nums, labels.shape[0], s["known_idx"], s["known_mask"]
+    )
     schedule = s["cfg_schedule"]
     schedule = schedule if isinstance(schedule, str) else tuple(float(v) for v in schedule)
-    guidance_scale(schedule, 0.0, 0, len(self.sample_patch_nums))  # fails now on a bad schedule
+    next_scale.cfg_scale(schedule, 0.0, 0, len(self.sample_patch_nums))  # fails now if bad
     knobs = (jnp.float32(s["cfg"]), jnp.int32(s["top_k"]), jnp.float32(s["top_p"]))
     static = dict(more_smooth=bool(s["more_smooth"]), return_logits=bool(s["return_logits"]))
     return self._sample_jit(params, labels, rng, knobs, known, cfg_schedule=schedule, **static)
@@ -485,20 +523,6 @@ class VARFamily(Generator):
 TRACED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
 STATIC_SETTINGS = dict(more_smooth=False, return_logits=False, cfg_schedule="linear")
 SAMPLE_SETTINGS = {**TRACED_SETTINGS, **STATIC_SETTINGS, "known_idx": None, "known_mask": None}
-
-
-def guidance_scale(schedule, cfg, si: int, num_scales: int):
-  """The guidance scale s of scale `si`: "linear" (official VAR, s = 1 + cfg si / (n - 1)),
-  "constant" (s = 1 + cfg) or a tuple of one s per scale."""
-  if schedule == "linear":
-    return guidance.linear_excess(cfg, si, num_scales)
-  if schedule == "constant":
-    return 1.0 + guidance.constant(cfg, si)
-  if isinstance(schedule, tuple):
-    return guidance.per_step(schedule, si, num_scales)
-  raise ValueError(
-    f"cfg_schedule={schedule!r} is unknown; accepted: 'linear', 'constant' or one scale per scale"
-  )
 
 
 def official_param_count(
