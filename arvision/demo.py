@@ -1,5 +1,5 @@
 """`arvision demo --model var-d16`: a Gradio app over a `Model` (class picker, sampling knobs,
-a batch grid, and for next-scale models zero-shot inpainting with a drawn mask).
+a batch grid, and for next-scale and raster models zero-shot inpainting with a drawn mask).
 
 `Demo` holds the logic and needs no Gradio (the tests call it too); `build_app` lays it out;
 `serve` loads a model, compiles the sampler once and starts the server. Sampling calls the
@@ -103,7 +103,14 @@ class Demo:
         continue
       value = min(max(float(defaults.get(name, lo) or 0), lo), hi)
       self.knobs[name] = (label, lo, hi, step, int(value) if step == 1 else value)
-    self.can_inpaint = "known_idx" in settings and hasattr(self.family, "scales")
+    # Zero-shot inpainting: next-scale models force known tokens per scale, raster ones (any
+    # decoding order, RandAR's random one included) per position.
+    self.inpainting = None
+    if "known_idx" in settings and hasattr(self.family, "scales"):
+      self.inpainting = "scales"
+    elif {"known", "known_mask", "order"} <= set(settings) and hasattr(self.family, "grid_size"):
+      self.inpainting = "raster"
+    self.can_inpaint = self.inpainting is not None
     self.image_size = int(model.config.data.image_size)
     self.channels = int(model.config.data.get("channels", 3))
 
@@ -159,26 +166,48 @@ class Demo:
 
   @functools.cached_property
   def _encode(self):
-    scales = getattr(self.family, "sample_scales", self.family.scales)
-    return jax.jit(scales.targets)
+    """jit of tokenizer params, images -> the token list the sampler forces (one per scale)."""
+    if self.inpainting == "scales":
+      return jax.jit(getattr(self.family, "sample_scales", self.family.scales).targets)
+    return jax.jit(lambda tok_p, x: [self.family.tokenizer.encode_idx(tok_p, x)])
 
   @property
   def patch_nums(self) -> tuple[int, ...]:
+    """The token grids the sampler walks: VAR's scales, or the raster model's one grid."""
+    if self.inpainting == "raster":
+      return (int(self.family.grid_size),)
     return tuple(getattr(self.family, "sample_patch_nums", self.family.patch_nums))
 
   def encode(self, image: np.ndarray) -> list[np.ndarray]:
-    """Per-scale token indices `[pn*pn]` of an image (the tokenizer's multi-scale codes)."""
+    """Token indices `[pn*pn]` (row-major) of an image, per grid of `patch_nums`."""
     idx = self._encode(self.model.params["tokenizer"], jnp.asarray(self.prepare(image)))
     return [np.asarray(i)[0] for i in idx]
 
+  def _known(self, idx, masks, B: int, seed: int) -> dict:
+    """The sampler's teacher-forcing arguments for `B` copies of the image's tokens."""
+    if self.inpainting == "scales":  # per scale, row-major
+      return dict(
+        known_idx=[np.broadcast_to(i, (B, i.size)) for i in idx],
+        known_mask=[np.broadcast_to(m, (B, m.size)) for m in masks],
+      )
+    # Raster models take them in decoding order: the order the sampler would draw for this seed
+    # (RandAR: random per example), passed explicitly so both agree.
+    from arvision.sampling import orders  # noqa: PLC0415
+
+    N = idx[0].size
+    rng = jax.random.fold_in(jax.random.key(int(seed)), N)
+    order = np.asarray(jnp.broadcast_to(orders.draw(self.family.order, rng, B, N), (B, N)))
+    codes = np.take_along_axis(np.broadcast_to(idx[0], (B, N)), order, axis=1)
+    return dict(known=codes, known_mask=masks[0][order], order=order)
+
   def inpaint(self, image: np.ndarray, drawn: np.ndarray, label, batch: int, seed: int, **knobs):
-    """Zero-shot inpainting: tokens outside the drawn region are the image's own at every scale
-    (`keep_masks`), the model samples the rest.
+    """Zero-shot inpainting: tokens outside the drawn region are the image's own (at every scale
+    for VAR, `keep_masks`), the model samples the rest.
 
     Args:
       image: uint8 `[H, W, C]`; drawn: bool `[H, W]`, True where to regenerate.
     Returns:
-      `(grid uint8, info)`; info holds the finest scale's kept mask and the input's and each
+      `(grid uint8, info)`; info holds the finest grid's kept mask and the input's and each
       sample's tokens there (`[pn, pn]` lists).
     """
     if not self.can_inpaint:
@@ -196,16 +225,14 @@ class Demo:
     masks = keep_masks(keep > 127, self.patch_nums)
     idx = self.encode(image)
     B = int(batch)
-    known_idx = [np.broadcast_to(i, (B, i.size)) for i in idx]
-    known_mask = [np.broadcast_to(m, (B, m.size)) for m in masks]
-    known = dict(known_idx=known_idx, known_mask=known_mask)
-    images, out = self.sample(label, B, seed, known, **knobs)
+    images, out = self.sample(label, B, seed, self._known(idx, masks, B, seed), **knobs)
+    tokens = out[1][-1] if self.inpainting == "scales" else out[1]  # raster: [B, N] row-major
     pn = self.patch_nums[-1]
     info = {
       "finest_scale": pn,
       "kept": masks[-1].reshape(pn, pn).tolist(),
       "input_tokens": idx[-1].reshape(pn, pn).tolist(),
-      "sample_tokens": np.asarray(out[1][-1]).reshape(B, pn, pn).tolist(),
+      "sample_tokens": np.asarray(tokens).reshape(B, pn, pn).tolist(),
     }
     return self.grid(images), info
 

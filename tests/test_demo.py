@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 
+import jax
 import ml_collections
 import numpy as np
 import portpicker
@@ -146,9 +147,36 @@ def test_each_family_gets_the_knobs_its_sampler_takes(config, knobs):
   c = config_util.load_config_file(config)
   family = families.build(c, tokenizer=families.build(c.tokenizer.config))
   demo = demo_lib.Demo(api.Model(family, None, c, 0))  # the knobs need no params
-  assert list(demo.knobs) == knobs and not demo.can_inpaint
+  assert list(demo.knobs) == knobs
+  assert demo.can_inpaint == (c.family == "raster")  # MAR's sampler takes no known tokens
   if "top_k" in knobs:  # up to the tokenizer's vocabulary
     assert demo.knobs["top_k"][2] == c.tokenizer.config.model.vocab_size
+
+
+def test_raster_inpainting_keeps_the_input_tokens_outside_the_paint():
+  """RandAR's random decoding order (LlamaGen's raster one is its identity case): the image's
+  tokens go to the sampler permuted like the order it decodes in."""
+  c = config_util.load_config_file("raster.py:smoke")
+  with c.unlocked():
+    c.model.order = "random"
+  tokenizer = families.build(c.tokenizer.config)
+  family = families.build(c, tokenizer=tokenizer)
+  params = family.init(jax.random.key(0), None)
+  params["tokenizer"] = tokenizer.init(jax.random.key(1), None)
+  demo = demo_lib.Demo(api.Model(family, params, c, 0))
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  drawn = np.zeros((32, 32), bool)
+  drawn[16:] = True  # regenerate the bottom half
+  _, info = demo.inpaint(image, drawn, 1, 3, 5, **{k: v[-1] for k, v in demo.knobs.items()})
+  side = family.grid_size
+  kept = np.asarray(info["kept"], bool)
+  assert kept.shape == (side, side) and kept[: side // 2].all() and not kept[side // 2 :].any()
+  want = np.asarray(tokenizer.encode_idx(params["tokenizer"], demo.prepare(image)))[0]
+  want = want.reshape(side, side)
+  np.testing.assert_array_equal(np.asarray(info["input_tokens"]), want)
+  got = np.asarray(info["sample_tokens"])
+  np.testing.assert_array_equal(got[:, kept], np.broadcast_to(want[kept], (3, kept.sum())))
+  assert (got[:, ~kept] != want[~kept]).any()
 
 
 @pytest.mark.slow
