@@ -149,12 +149,11 @@ def _convert_into(out: str, fn) -> None:
 
 def detect_kind(path: str) -> str:
   """The converter kind of an official checkpoint file, from its keys."""
-  import torch  # noqa: PLC0415
+  from arvision.convert import common  # noqa: PLC0415
 
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+  obj = common.torch_load(path)
   if isinstance(obj, dict) and "model_ema" in obj:
     return "mar"  # LTH14/mar training checkpoints (converted with their EMA weights)
-  from arvision.convert import common  # noqa: PLC0415
 
   keys = set(common.unwrap_state_dict(obj, path))
   rules = [

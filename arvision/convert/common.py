@@ -22,16 +22,20 @@ from arvision import errors
 CHECKPOINT_WRAPPERS = ("model", "module", "state_dict")
 
 
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a `.pth`/`.pt` file (raw state dict or wrapped in model/module/state_dict) as numpy."""
+def torch_load(path: str):
+  """The object in a `.pth`/`.pt`/`.ckpt` file (torch is needed only here, for reading)."""
   try:
     import torch
   except ImportError as e:
     raise ImportError(
       "reading PyTorch checkpoints needs torch: pip install 'arvision[convert]'"
     ) from e
-  obj = torch.load(path, map_location="cpu", weights_only=False)
-  return unwrap_state_dict(obj, path)
+  return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a `.pth`/`.pt` file (raw state dict or wrapped in model/module/state_dict) as numpy."""
+  return unwrap_state_dict(torch_load(path), path)
 
 
 def unwrap_state_dict(obj, what: str = "checkpoint") -> dict[str, np.ndarray]:

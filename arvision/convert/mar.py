@@ -138,13 +138,7 @@ def convert_mar(state_dict: dict, config) -> dict:
 
 def load_mar_state_dict(path: str, ema: bool = False) -> dict:
   """`model` (or with `ema` the `model_ema`) of an official `checkpoint-*.pth`, as numpy."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      "reading PyTorch checkpoints needs torch: pip install 'arvision[convert]'"
-    ) from e
-  obj = torch.load(path, map_location="cpu", weights_only=False)
+  obj = common.torch_load(path)
   if ema:
     if not isinstance(obj, dict) or "model_ema" not in obj:
       keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__

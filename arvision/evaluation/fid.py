@@ -172,3 +172,22 @@ def inception_metrics(images_uint8, inc: InceptionSetup, ref: dict, batch_size: 
     else:
       out["precision"], out["recall"] = em.precision_recall(ref["pool"], f["pool"], k=PR_K)
   return out
+
+
+class ImageEvaluator:
+  """The constructor the image evaluators share (`generator`, `tokenizer`): the settings, and the
+  Inception setup loaded (its reference checked) before anything runs, so a bad file fails fast."""
+
+  def __init__(
+    self,
+    family,
+    config,
+    *,
+    num_samples: int,
+    sample_kw: dict | None = None,
+    inception_weights: str | None = None,
+    reference: str | None = None,
+  ):
+    self.family, self.config, self.num_samples = family, config, num_samples
+    self.sample_kw = sample_kw or {}
+    self.inc = InceptionSetup.from_config(config, inception_weights, reference)

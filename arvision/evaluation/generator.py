@@ -105,23 +105,8 @@ def _jsonable(d: dict) -> dict:
   }
 
 
-class Evaluator:
+class Evaluator(fid.ImageEvaluator):
   """Samples `num_samples` images with `sample_kw` (default: the family's) and scores them."""
-
-  def __init__(
-    self,
-    family,
-    config,
-    *,
-    num_samples: int,
-    sample_kw: dict | None = None,
-    inception_weights: str | None = None,
-    reference: str | None = None,
-  ):
-    self.family, self.config, self.num_samples = family, config, num_samples
-    self.sample_kw = sample_kw or {}
-    # Loaded (and the reference checked) before anything runs, so a bad file fails fast.
-    self.inc = fid.InceptionSetup.from_config(config, inception_weights, reference)
 
   def run(self, params, out_dir: str) -> tuple[dict, dict]:
     """`(metrics, record)`: `record` holds the sampling, sharding and Inception settings."""

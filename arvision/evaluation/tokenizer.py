@@ -19,22 +19,9 @@ from arvision.evaluation import metrics as em
 from arvision.tokenizers import metrics as tm
 
 
-class Evaluator:
-  """Reconstructs `num_samples` eval images and scores the reconstructions."""
-
-  def __init__(
-    self,
-    family,
-    config,
-    *,
-    num_samples: int,
-    sample_kw: dict | None = None,
-    inception_weights: str | None = None,
-    reference: str | None = None,
-  ):
-    del sample_kw  # tokenizers do not sample
-    self.family, self.config, self.num_samples = family, config, num_samples
-    self.inc = fid.InceptionSetup.from_config(config, inception_weights, reference)
+class Evaluator(fid.ImageEvaluator):
+  """Reconstructs `num_samples` eval images and scores the reconstructions (`sample_kw` is
+  accepted and unused: tokenizers do not sample)."""
 
   def run(self, params, out_dir: str) -> tuple[dict, dict]:
     """`(metrics, record)`: `record` holds the Inception settings of `rfid`, if any."""
