@@ -115,7 +115,6 @@ def _provenance(argv) -> dict:
       optax=optax.__version__,
       numpy=np.__version__,
     ),
-    tree=ROOT,
     git_commit=git("rev-parse", "HEAD"),
     git_dirty=None if status is None else bool(status),
     command=" ".join([os.path.basename(sys.executable), *argv]),
