@@ -1,15 +1,13 @@
 """The fault table of docs/reliability.md, driven: each `test_<row id>` makes that fault happen and
 checks what the user sees and what is kept. `test_every_doc_row_has_a_test` ties the two together.
 
-Most checks run the CLI in-process (`_cli`: same code path as `arvision ...`, without paying a JAX
+Most checks run the CLI in-process (`cli_runner.run_cli`: same code path as `arvision ...`, without paying a JAX
 import per call); `test_issue_transcripts` runs the issue's transcripts as real
 processes, and the SIGKILL row kills a real training process.
 """
 
 import ast
-import contextlib
 import errno
-import io
 import json
 import os
 import re
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import toy_family  # tests/ is on sys.path (conftest.py)
+from cli_runner import run_cli
 from PIL import Image
 
 import arvision
@@ -109,30 +108,6 @@ def _damage(workdir, step):
 
 def _listing(workdir):
   return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-
-
-def _cli(*args, env=None):
-  """Runs `arvision *args` in this process; returns (exit status, stdout, stderr)."""
-  from absl import flags
-
-  from arvision import cli
-
-  flags.FLAGS.unparse_flags()  # absl keeps the previous call's values otherwise
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)  # ml_collections defines one flag per override, once per process
-  out, err = io.StringIO(), io.StringIO()
-  code = 0
-  with (
-    mock.patch.object(sys, "argv", ["arvision", *map(str, args)]),
-    mock.patch.dict(os.environ, env or {}),
-    contextlib.redirect_stdout(out),
-    contextlib.redirect_stderr(err),
-  ):
-    try:
-      cli.run()
-    except SystemExit as e:
-      code = e.code or 0
-  return code, out.getvalue(), err.getvalue()
 
 
 def _one_line_error(code, err, cmd, *patterns):
@@ -230,39 +205,39 @@ def test_issue_transcripts(tmp_path):
 
 
 def test_unknown_config_field():
-  code, _, err = _cli(
+  code, _, err = run_cli(
     "train", "--config", TOY_CONFIG, "--workdir", "/tmp/x", "--config.data.sorce=1"
   )
   _one_line_error(code, err, "train", r"no field 'data.sorce'", r"did you mean source")
 
 
 def test_missing_config_file(tmp_path):
-  code, _, err = _cli("train", "--config", tmp_path / "nope.py:smoke", "--workdir", tmp_path)
+  code, _, err = run_cli("train", "--config", tmp_path / "nope.py:smoke", "--workdir", tmp_path)
   _one_line_error(code, err, "train", r"nope.py' does not exist", r"var.py")
-  code, _, err = _cli("train", "--config", "tokenizer.py:no_such_variant", "--workdir", tmp_path)
+  code, _, err = run_cli("train", "--config", "tokenizer.py:no_such_variant", "--workdir", tmp_path)
   _one_line_error(code, err, "train", r"variant 'no_such_variant' is unknown; accepted: .*smoke")
 
 
 def test_missing_or_empty_workdir(tmp_path):
   for cmd in ("eval", "sample", "verify"):
-    code, _, err = _cli(cmd, "--workdir", tmp_path / "missing")
+    code, _, err = run_cli(cmd, "--workdir", tmp_path / "missing")
     _one_line_error(code, err, cmd, r"does not exist")
-  code, _, err = _cli("sample", "--workdir", tmp_path)
+  code, _, err = run_cli("sample", "--workdir", tmp_path)
   _one_line_error(code, err, "sample", r"holds no arvision checkpoints", r"arvision train")
 
 
 def test_unknown_family(tmp_path):
   wd = tmp_path / "run"
-  code, _, err = _cli(
+  code, _, err = run_cli(
     "train", "--config", TOY_CONFIG, "--workdir", wd, "--config.family=no_such_family"
   )
   _one_line_error(code, err, "train", r"'no_such_family' is not a known family; accepted")
 
 
 def test_verbose_shows_traceback(tmp_path):
-  code, _, err = _cli("eval", "--workdir", tmp_path / "missing", "--verbose")
+  code, _, err = run_cli("eval", "--workdir", tmp_path / "missing", "--verbose")
   assert code == 2 and "Traceback" in err and "arvision.errors.NotFound" in err
-  code, _, err = _cli("eval", "--workdir", tmp_path / "missing", env={"ARVISION_DEBUG": "1"})
+  code, _, err = run_cli("eval", "--workdir", tmp_path / "missing", env={"ARVISION_DEBUG": "1"})
   assert code == 2 and "Traceback" in err
 
 
@@ -275,25 +250,27 @@ def test_label_out_of_range(tmp_path):
     with pytest.raises(errors.UserError, match=r"out of range .*10-class.*accepted: 0\.\.9"):
       model.sample(bad, jax.random.key(0))
   out = tmp_path / "grid.png"
-  code, _, err = _cli("sample", "--workdir", export, "--labels", "0,999", "--out", out)
+  code, _, err = run_cli("sample", "--workdir", export, "--labels", "0,999", "--out", out)
   _one_line_error(code, err, "sample", r"labels \[999\] are out of range")
   assert not out.exists()  # nothing written, nothing substituted
-  code, _, err = _cli("sample", "--workdir", export, "--labels", "0,x", "--out", out)
+  code, _, err = run_cli("sample", "--workdir", export, "--labels", "0,x", "--out", out)
   _one_line_error(code, err, "sample", r"--labels='0,x'")
-  code, stdout, _ = _cli("sample", "--workdir", export, "--labels", "3", "--out", out)
+  code, stdout, _ = run_cli("sample", "--workdir", export, "--labels", "3", "--out", out)
   assert code == 0 and out.exists(), stdout
 
 
 def test_bad_sample_kw(tmp_path):
   export = _generator_export(tmp_path / "gen")
   out = tmp_path / "grid.png"
-  code, _, err = _cli("sample", "--workdir", export, "--sample_kw", "brightnes=0.5", "--out", out)
+  code, _, err = run_cli(
+    "sample", "--workdir", export, "--sample_kw", "brightnes=0.5", "--out", out
+  )
   _one_line_error(code, err, "sample", r"\['brightnes'\] are unknown.*accepted: \['brightness'\]")
-  code, _, err = _cli("sample", "--workdir", export, "--sample_kw", "brightness", "--out", out)
+  code, _, err = run_cli("sample", "--workdir", export, "--sample_kw", "brightness", "--out", out)
   _one_line_error(code, err, "sample", r"'brightness' is not key=value")
-  code, _, _ = _cli("sample", "--workdir", export, "--sample_kw", "brightness=0.5", "--out", out)
+  code, _, _ = run_cli("sample", "--workdir", export, "--sample_kw", "brightness=0.5", "--out", out)
   assert code == 0
-  code, _, err = _cli("eval", "--workdir", export, "--sample_kw", "brightnes=0.5")
+  code, _, err = run_cli("eval", "--workdir", export, "--sample_kw", "brightnes=0.5")
   _one_line_error(code, err, "eval", r"\['brightnes'\] are unknown.*accepted: \['brightness'\]")
 
 
@@ -304,15 +281,15 @@ def test_incompatible_checkpoint(tmp_path):
 
   wrong = tmp_path / "not_var_vae.pth"
   torch.save({"encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)}, wrong)
-  code, _, err = _cli("convert", "var_vae", wrong, "--out", tmp_path / "out")
+  code, _, err = run_cli("convert", "var_vae", wrong, "--out", tmp_path / "out")
   _one_line_error(code, err, "convert", r"encoder\.conv_in\.weight|missing|shape")
   assert not (tmp_path / "out").exists()
-  code, _, err = _cli("convert", "var_vae", tmp_path / "missing.pth", "--out", tmp_path / "out")
+  code, _, err = run_cli("convert", "var_vae", tmp_path / "missing.pth", "--out", tmp_path / "out")
   _one_line_error(code, err, "convert", r"missing.pth' does not exist")
 
 
 def test_missing_dataset(tmp_path):
-  code, _, err = _cli(
+  code, _, err = run_cli(
     "train",
     "--config",
     TOY_CONFIG,
@@ -321,7 +298,7 @@ def test_missing_dataset(tmp_path):
     f"--config.data.source=folder:{tmp_path / 'no_images_here'}",
   )
   _one_line_error(code, err, "train", r"no_images_here does not exist; expected <path>/<split>")
-  code, _, err = _cli(
+  code, _, err = run_cli(
     "train",
     "--config",
     TOY_CONFIG,
@@ -363,7 +340,7 @@ def test_no_step_restores(toy_run, tmp_path):
   with pytest.raises(errors.CheckpointError, match=r"step 6: .*step 4: .*step 2: .*nothing was"):
     train.train(_config(total_steps=8), wd)
   assert _listing(wd) == before  # nothing moved or deleted
-  code, _, err = _cli("train", "--config", TOY_CONFIG, "--workdir", wd)
+  code, _, err = run_cli("train", "--config", TOY_CONFIG, "--workdir", wd)
   _one_line_error(code, err, "train", r"no checkpoint step in .* restores")
 
 
@@ -379,12 +356,12 @@ def test_damaged_step_on_load(toy_run, tmp_path):
 
 def test_verify(toy_run, tmp_path):
   wd = _copy(toy_run, tmp_path)
-  code, out, _ = _cli("verify", "--workdir", wd)
+  code, out, _ = run_cli("verify", "--workdir", wd)
   ok = re.findall(r"checkpoints/[246]: OK \(\d+ arrays, .* MB, files match their digest\)", out)
   assert code == 0 and len(ok) == 3, out
   _damage(wd, 4)
   os.makedirs(os.path.join(wd, "checkpoints", "8.orbax-checkpoint-tmp"))
-  code, out, err = _cli("verify", "--workdir", wd)
+  code, out, err = run_cli("verify", "--workdir", wd)
   assert code == 1, out + err
   assert re.search(r"checkpoints/4: DAMAGED: .*changed since the step was saved: state/", out)
   assert re.search(r"checkpoints/6: OK", out) and "8.orbax-checkpoint-tmp: ignored" in out
@@ -464,7 +441,7 @@ def test_sigkill_then_resume(tmp_path, caplog):
   assert os.path.exists(os.path.join(wd, LOCK_NAME))  # the dead run's lock stays behind
   newest = checkpoint.committed_steps(wd)[-1]
   with caplog.at_level("WARNING"):
-    code, _, err = _cli(
+    code, _, err = run_cli(
       "train", "--config", TOY_CONFIG, "--workdir", wd, f"--config.total_steps={newest + 2}"
     )
   assert code == 0, err
@@ -508,7 +485,7 @@ def test_disk_full_during_save(toy_run, tmp_path):
       mock.patch.object(checkpoint.ocp.CheckpointManager, "save", full_disk),
       mock.patch.object(checkpoint.ocp.CheckpointManager, "wait_until_finished", wait),
     ):
-      code, _, err = _cli(
+      code, _, err = run_cli(
         "train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=10"
       )
     _one_line_error(
@@ -534,12 +511,16 @@ def test_second_writer(toy_run, tmp_path):
     with open(os.path.join(wd, LOCK_NAME), "w") as f:
       json.dump(dict(host=socket.gethostname(), pid=live.pid, since="earlier"), f)
     before = _listing(wd)
-    code, _, err = _cli("train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=8")
+    code, _, err = run_cli(
+      "train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=8"
+    )
     _one_line_error(code, err, "train", rf"in use by a live run \(pid {live.pid} on this host")
     assert _listing(wd) == before
     with open(os.path.join(wd, LOCK_NAME), "w") as f:
       json.dump(dict(host="another-host", pid=1, since="earlier"), f)
-    code, _, err = _cli("train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=8")
+    code, _, err = run_cli(
+      "train", "--config", TOY_CONFIG, "--workdir", wd, "--config.total_steps=8"
+    )
     _one_line_error(code, err, "train", r"locked by a run on host 'another-host'", LOCK_NAME)
   finally:
     live.kill()
@@ -606,7 +587,7 @@ def test_bad_image_error(tmp_path, monkeypatch):
   root = str(tmp_path / "data")
   _image_tree(root, {"train": ["a", "b"], "test": ["a", "b"]})
   bad = _break_images(root)
-  code, _, err = _cli(
+  code, _, err = run_cli(
     "train",
     "--config",
     TOY_CONFIG,

@@ -9,15 +9,12 @@ names, so the real `var-d16` entry is exercised; the converters infer the tiny s
 checkpoints' shapes. The server is tests/standin_hub.py, the `stand_in` fixture tests/conftest.py.
 """
 
-import contextlib
-import io
 import os
-import sys
-from unittest import mock
 
 import jax
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from PIL import Image
 
 import arvision
@@ -120,43 +117,23 @@ def test_zoo_table_is_complete():
     assert e.license and e.source, e.name
 
 
-def _cli(*args):
-  """Runs `arvision *args` in this process; returns (exit status, stdout, stderr)."""
-  from absl import flags
-
-  from arvision import cli
-
-  flags.FLAGS.unparse_flags()  # absl keeps the previous call's values otherwise
-  out, err, code = io.StringIO(), io.StringIO(), 0
-  with (
-    mock.patch.object(sys, "argv", ["arvision", *map(str, args)]),
-    contextlib.redirect_stdout(out),
-    contextlib.redirect_stderr(err),
-  ):
-    try:
-      cli.run()
-    except SystemExit as e:
-      code = e.code or 0
-  return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_sample_by_model_name_and_zoo_listing(stand_in, tmp_path):
-  code, out, err = _cli("zoo")
+  code, out, err = run_cli("zoo")
   assert code == 0, err
   row = next(line for line in out.splitlines() if line.startswith("var-d16 "))
   assert "3.55" in row and "hf://FoundationVision/var/var_d16.pth" in row and " - " in row
 
   grid = tmp_path / "grid.png"
   args = ["--model", "var-d16", "--labels", "1,7", "--per_label", "2", "--out", grid]
-  code, out, err = _cli("sample", *args, "--sample_kw", "cfg=1.5,top_k=5")
+  code, out, err = run_cli("sample", *args, "--sample_kw", "cfg=1.5,top_k=5")
   assert code == 0, err
   side = 2 * (2 * (64 + 2) + 2)  # 2x2 images of 64 px, 2 px padding, scaled 2x
   assert Image.open(grid).size == (side, side)
   assert "compile" in err and "sample 4" in err  # the progress bar's phases
 
-  code, out, err = _cli("zoo")
+  code, out, err = run_cli("zoo")
   row = next(line for line in out.splitlines() if line.startswith("var-d16 "))
   assert "converted" in row
 
-  code, _, err = _cli("sample", "--model", "var-d16", "--workdir", tmp_path, "--out", grid)
+  code, _, err = run_cli("sample", "--model", "var-d16", "--workdir", tmp_path, "--out", grid)
   assert code == 2 and "one of --model and --workdir" in err.strip().splitlines()[-1]
