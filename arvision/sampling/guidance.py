@@ -79,4 +79,3 @@ def per_step(scales: Sequence[float], step, num_steps: int):
       f"{scales}"
     )
   return jnp.asarray(scales, jnp.float32)[step]
-

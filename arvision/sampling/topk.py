@@ -63,4 +63,3 @@ def gumbel_softmax(rng: jax.Array, logits: jax.Array, tau) -> jax.Array:
   """Soft Gumbel-softmax sample `softmax((logits + g) / tau)` over the last axis (hard=False)."""
   g = jax.random.gumbel(rng, logits.shape, jnp.float32)
   return jax.nn.softmax((logits.astype(jnp.float32) + g) / tau, axis=-1)
-
