@@ -11,6 +11,7 @@ import numpy as np
 
 from arvision import checkpoint as ckpt_lib
 from arvision import errors, families
+from arvision.models.generator import check_label_range
 
 
 class Model:
@@ -41,12 +42,7 @@ class Model:
       raise errors.UserError(
         f"labels must be a non-empty 1-D list of int class indices, got {arr.dtype} {arr.shape}"
       )
-    bad = sorted({int(x) for x in arr if not 0 <= x <= self.num_classes})
-    if bad:
-      raise errors.UserError(
-        f"labels {bad} are out of range for this {self.num_classes}-class model; accepted: "
-        f"0..{self.num_classes - 1}, or {self.num_classes} for unconditional samples"
-      )
+    check_label_range(arr, self.num_classes)
     return arr.astype(np.int32)
 
   def sample_options(self) -> list[str] | None:

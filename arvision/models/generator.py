@@ -35,8 +35,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arvision import errors
 from arvision.family import Family
 from arvision.models.common import images_to_uint8
+
+
+def check_label_range(labels: np.ndarray, num_classes: int) -> None:
+  """Raises `errors.UserError` naming every label outside `[0, num_classes]` (`num_classes` =
+  the null class). Host-side on purpose: inside jit the embedding gather clamps an out-of-range
+  index and would silently sample another class."""
+  bad = sorted({int(x) for x in np.asarray(labels).ravel() if not 0 <= x <= num_classes})
+  if bad:
+    raise errors.UserError(
+      f"labels {bad} are out of range for this {num_classes}-class model; accepted: "
+      f"0..{num_classes - 1}, or {num_classes} for unconditional samples"
+    )
 
 
 class Generator(Family):
@@ -148,12 +161,7 @@ class Generator(Family):
       if arr.ndim == 1 and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"labels must be int class indices, got dtype {arr.dtype}")
       if arr.ndim == 1:
-        bad = arr[(arr < 0) | (arr > self.num_classes)]
-        if bad.size:
-          raise ValueError(
-            f"labels {sorted(set(bad.tolist()))} are out of range; accepted: 0 .. "
-            f"{self.num_classes} ({self.num_classes} = the null class for guidance)"
-          )
+        check_label_range(arr, self.num_classes)
     labels = jnp.asarray(labels)
     if labels.ndim != 1:
       raise ValueError(f"labels must be int [B], got shape {labels.shape}")
