@@ -98,26 +98,35 @@ def write(
   return n
 
 
+def _tokenizer_of(model, workdir):
+  """(family, params, data config) of a tokenizer run or of a generator run's frozen tokenizer."""
+  if model.config.family == "tokenizer":
+    return model.family, model.params, model.config.data
+  elif getattr(model.family, "tokenizer", None) is not None:
+    return model.family.tokenizer, model.params["tokenizer"], model.config.data
+  raise ValueError(f"{workdir} holds a {model.config.family!r} model without a tokenizer")
+
+
 def tokenize(workdir: str, out_dir: str, *, views: str = "center_flip", batch_size: int = 256,
              splits: tuple[str, ...] | None = None) -> dict:  # fmt: skip
   """`arvision tokenize`: codes of a discrete tokenizer for the train and eval splits of its data.
 
   Args:
-    workdir: a tokenizer run (or converted tokenizer) dir, or a generator run whose checkpoint holds
-      its frozen tokenizer.
+    workdir: a tokenizer run (or converted tokenizer) dir, a generator run whose checkpoint holds
+      its frozen tokenizer, or a shipped tokenizer (`shipped:<name>`).
     splits: default: the config's train and eval splits.
 
   Returns:
     The meta.json contents.
   """
-  model = api.load(workdir)
-  if model.config.family == "tokenizer":
-    family, params, data_config = model.family, model.params, model.config.data
-  elif getattr(model.family, "tokenizer", None) is not None:
-    family, params = model.family.tokenizer, model.params["tokenizer"]
-    data_config = model.config.data
+  from arvision import families
+  from arvision.tokenizers import shipped
+
+  if shipped.is_shipped(workdir):  # e.g. shipped:fmnist_msvq
+    tok_config, params = shipped.load(workdir)
+    family, data_config = families.build(tok_config), tok_config.data
   else:
-    raise ValueError(f"{workdir} holds a {model.config.family!r} model without a tokenizer")
+    family, params, data_config = _tokenizer_of(api.load(workdir), workdir)
   if str(data_config.source).startswith("tokens:"):
     raise ValueError(f"{workdir} was trained on tokens ({data_config.source}); give its image run")
   if family.type == "vq":
@@ -136,7 +145,7 @@ def tokenize(workdir: str, out_dir: str, *, views: str = "center_flip", batch_si
     vocab_size=vocab,
     dtype="uint16" if vocab <= 65536 else "int32",
     tokenizer_type=family.type,
-    tokenizer_workdir=os.path.abspath(workdir),
+    tokenizer_workdir=workdir if shipped.is_shipped(workdir) else os.path.abspath(workdir),
     tokenizer_digest=tokens.tokenizer_digest(params),
     image_source=str(data_config.source),
     image_size=int(data_config.image_size),

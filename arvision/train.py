@@ -112,8 +112,17 @@ class _Preemption:
 # ---------------------------------------------------------------------------------------------------
 def prepare_tokenizer(config, workdir: str):
   """Returns (tokenizer family, tokenizer params) for a generator config; trains it if needed."""
+  from arvision.tokenizers import shipped
+
   tok_cfg = config.tokenizer
   path = tok_cfg.checkpoint
+  if shipped.is_shipped(path):
+    if shipped.resolve(path, tok_cfg.config):  # else (config changed): train it below
+      tok_config, params = shipped.load(path)
+      with config.unlocked():
+        config.tokenizer.config = tok_config
+      return families.build(tok_config), params
+    path = ""
   if not path:
     path = os.path.join(workdir, "tokenizer")
     train(config_util.from_json(config_util.to_json(tok_cfg.config)), path)

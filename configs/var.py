@@ -68,16 +68,21 @@ VAR_MODELS = {
 # Small variants: explicit sizes (width/heads override the 64*depth / depth rule).
 SMALL_MODELS = {
   "fmnist": dict(
-    # ~1.3M params, L=130 tokens; 950 steps fit the quickstart's 20-minute budget on a 2-core CPU
-    # (steps/s are in the run's metrics.jsonl).
+    # ~1.3M params, L=130 tokens. 300 steps: a step costs ~1.8 CPU-seconds (batch 64,
+    # experiments/results/profile_quickstart.json), so on a quiet 2-core CPU they take ~7 minutes
+    # and the whole `make quickstart` (setup, train, 1000-sample eval) ~12. 950 steps (the earlier
+    # recipe, ~23 minutes) sample better: quickstart_cpu.json records what this one reaches.
     tokenizer="tokenizer.py:fmnist_msvq",
+    # The packaged run of that config (arvision/tokenizers/shipped.py): no tokenizer training; a
+    # changed tokenizer config (or --config.tokenizer.checkpoint=) trains it in WORKDIR/tokenizer.
+    tokenizer_checkpoint="shipped:fmnist_msvq",
     depth=4,
     width=128,
     heads=4,
     batch_size=64,
-    total_steps=950,
+    total_steps=300,
     lr=2e-3,
-    warmup_steps=60,
+    warmup_steps=30,
     alng=1e-3,
     drop_path_rate=0.0,
     # cfg chosen with experiments/sweep_cfg.py on the quickstart model (results/sweep_cfg_quickstart.json).
@@ -193,6 +198,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
       drop_path_rate=v["drop_path_rate"],
     )
     c.tokenizer = _tokenizer(v["tokenizer"])
+    c.tokenizer.checkpoint = v.get("tokenizer_checkpoint", "")
     tok_data = c.tokenizer.config.data
     c.data.source = tok_data.source
     c.data.image_size = tok_data.image_size
@@ -217,5 +223,6 @@ def get_config(arg=None) -> mlc.ConfigDict:
     else:
       c.eval.num_samples = 1000
       c.eval.batch_size = 250
+      c.eval_every = c.total_steps // 2  # a midway point for the eval curves (curves.png)
   c.model.update(hooks)
   return c
