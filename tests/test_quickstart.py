@@ -152,3 +152,18 @@ def test_unknown_shipped_tokenizer_is_a_clear_error():
 
   with pytest.raises(errors.UserError, match="accepted"):
     shipped.load("shipped:nope")
+
+
+def test_packaged_tokenizer_fits_its_config():
+  """The shipped fmnist_msvq weights are a run of today's `configs/tokenizer.py:fmnist_msvq`
+  (else the quickstart would silently train the tokenizer: refresh the .npz, see shipped.py)."""
+  from arvision import families
+
+  want = config_util.load_config_file("tokenizer.py:fmnist_msvq")
+  assert shipped.resolve("shipped:fmnist_msvq", want)
+  config, params = shipped.load("shipped:fmnist_msvq")
+  abstract = families.build(want).abstract_params()
+  shapes = jax.tree.map(lambda a, b: np.shape(a) == tuple(b.shape), params, abstract)
+  assert all(jax.tree.leaves(shapes))
+  info = shipped.info("shipped:fmnist_msvq")
+  assert info["step"] == want.total_steps and info["metrics"]["psnr"] > 20
