@@ -112,6 +112,10 @@ def base_config(family: str) -> mlc.ConfigDict:
   c.optim.schedule = "cosine"  # cosine | linear | constant
   c.optim.end_lr_factor = 0.0  # final lr = end_lr_factor * peak
   c.optim.ema_decay = 0.0  # 0 = no EMA params
+  # Microbatches per step (gradient accumulation inside the jitted step); must divide batch_size.
+  c.optim.accum_steps = 1
+  # Rematerialisation of the transformer blocks: none | block | full (docs/precision.md).
+  c.remat = "none"
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = mlc.ConfigDict(dict(strategy="dp"))
@@ -143,8 +147,16 @@ def load_config_file(spec: str) -> mlc.ConfigDict:
   module = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(module)
   config = module.get_config(arg or None)
+  add_common_model_fields(config)
   config.lock()
   return config
+
+
+def add_common_model_fields(config: mlc.ConfigDict) -> None:
+  """Fields every family's `model` has, whatever its config file builds `model` from."""
+  if "model" in config and "dtype" not in config.model:
+    # Compute dtype (float32 | bfloat16); params and optimizer state stay float32.
+    config.model.dtype = "float32"
 
 
 def to_json(config: mlc.ConfigDict) -> str:

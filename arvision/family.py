@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from arvision import precision
+
 Params = Any
 Batch = dict[str, jax.Array]
 
@@ -31,6 +33,13 @@ class Family:
 
   def __init__(self, config):
     self.config = config
+    # Compute dtype and remat mode of this family's forward (`config.model.dtype`,
+    # `config.remat`), checked now; `computing()` applies them while a forward is traced.
+    self.policy = precision.policy_of(config)
+
+  def computing(self):
+    """Context for tracing this family's forward in its compute dtype and remat mode."""
+    return precision.compute(self.policy.dtype, self.policy.remat)
 
   def init(self, rng: jax.Array, batch: Batch | None = None) -> Params:
     """Returns the trainable params (without `frozen_keys`) as plain arrays. Families whose shapes

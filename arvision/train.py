@@ -24,7 +24,7 @@ import optax
 from absl import logging
 
 from arvision import checkpoint as ckpt_lib
-from arvision import config_util, data, errors, families, optim, parallel
+from arvision import config_util, data, errors, families, optim, parallel, precision
 from arvision.family import Family
 from arvision.metrics_writer import MetricsWriter
 from arvision.workdir_lock import WorkdirLock
@@ -42,6 +42,8 @@ RESUMABLE_FIELDS = (
   # The layout, not the math: a checkpoint restores onto any mesh / strategy (resharding restore).
   "mesh",
   "sharding",
+  # Rematerialisation changes what the backward pass recomputes, not the numbers.
+  "remat",
 )
 
 
@@ -215,11 +217,13 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
     mesh: defaults to `parallel.make_mesh(config.mesh)`.
     example: a batch with the training shapes (defaults to `data.input_spec(config.data)`).
   """
+  precision.validate(config)  # model.dtype, remat, optim.accum_steps: fail before any tracing
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   rules = parallel.get_rules(config.sharding.strategy)
   example = data.input_spec(config.data) if example is None else example
   tx, lr_fn = optim.make(config.optim, config.total_steps, config.data.batch_size)
   use_ema = config.optim.ema_decay > 0
+  accum = precision.accum_steps(config)
   rep = parallel.replicated(mesh)
 
   def init_state(rng):
@@ -261,10 +265,14 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
       rng = jax.random.fold_in(step_rng, step)
       batch = dict(batch, step=step)
 
-      def loss_fn(params):
+      def loss_fn(params, batch, rng):
         return family.loss({**params, **state["frozen"]}, batch, rng, True)
 
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      if accum == 1:
+        (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+      else:
+        (loss, metrics), grads = _accumulate(grad_fn, state["params"], batch, rng, accum)
       updates, opt = tx.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       new = dict(state, step=step + 1, params=params, opt=opt)
@@ -293,6 +301,39 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
     tx=tx,
     lr_fn=lr_fn,
   )
+
+
+def _accumulate(grad_fn, params, batch, rng, accum: int):
+  """`grad_fn` over `accum` microbatches inside the step (`lax.scan`): the mean of their losses,
+  metrics and gradients, which for a loss that is a mean over equal-sized examples is the loss and
+  gradient of the whole batch (`tests/test_precision.py`).
+
+  Microbatch i holds examples i, i + accum, i + 2 accum, ...: `[B] -> [B / accum, accum]` keeps the
+  batch sharding of the leading axis, so every microbatch is spread over the same devices. Scalar
+  leaves (the step) go to every microbatch; microbatch i draws its randomness from
+  `fold_in(rng, i)`.
+  """
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch) if np.ndim(x) > 0}
+
+  def split(x):
+    if np.ndim(x) == 0:
+      return None
+    return jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+
+  if len(sizes) != 1:
+    raise errors.UserError(f"batch leaves have different leading sizes {sorted(sizes)}")
+  scalars = {k: v for k, v in batch.items() if np.ndim(v) == 0}
+  micro = {k: split(v) for k, v in batch.items() if np.ndim(v) > 0}
+  zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro) | scalars, rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+
+  def body(total, xs):
+    i, mb = xs
+    out = grad_fn(params, dict(mb, **scalars), jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, total, out), None
+
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+  return jax.tree.map(lambda x: x / accum, total)
 
 
 # ---------------------------------------------------------------------------------------------------

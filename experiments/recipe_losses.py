@@ -56,9 +56,16 @@ def _initial_tokenizer(config, mesh):
   return tok_family, jax.device_get(state.get("ema", state["params"]))
 
 
-def recipe_losses(spec: str, steps: int) -> dict:
-  """Losses of the first `steps` train steps of the recipe `spec` (`file.py:variant`)."""
+def recipe_losses(spec: str, steps: int, overrides: dict | None = None) -> dict:
+  """Losses of the first `steps` train steps of the recipe `spec` (`file.py:variant`), with
+  dotted config `overrides` (e.g. `{"model.dtype": "bfloat16"}`, experiments/precision_check.py)."""
   config = config_util.load_config_file(os.path.join(ROOT, "configs", spec))
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value  # the config is locked: a misspelt field raises
   mesh = parallel.make_mesh(config.mesh)
   frozen, tokenizer = {}, None
   if families.needs_tokenizer(config):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arvision import errors
+from arvision import errors, precision
 from arvision.family import Family
 from arvision.models.common import images_to_uint8
 
@@ -90,7 +90,9 @@ class Generator(Family):
     @functools.wraps(self._sample_impl)
     def counted(*args, **kwargs):
       self.trace_count += 1  # runs only while tracing
-      return self._sample_impl(*args, **kwargs)
+      # The family's compute dtype; no remat (nothing is differentiated while sampling).
+      with precision.compute(self.policy.dtype):
+        return self._sample_impl(*args, **kwargs)
 
     self._sample_jit = jax.jit(counted, static_argnames=self.sampler_static)
 
@@ -128,7 +130,8 @@ class Generator(Family):
     if train and rng is None:
       raise ValueError(f"{type(self).__name__}.apply(train=True) needs an rng")
     rngs = {"dropout": rng} if train else {}
-    return self.module.apply(self._vars(params), *args, train=train, rngs=rngs, method=method)
+    with self.computing():
+      return self.module.apply(self._vars(params), *args, train=train, rngs=rngs, method=method)
 
   # --- data --------------------------------------------------------------------------------------
 

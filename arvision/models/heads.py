@@ -40,6 +40,7 @@ from arvision.diffusion.flow import FlowMatching
 from arvision.diffusion.gaussian import create_diffusion
 from arvision.models.layers import layer_norm
 from arvision.parallel.logical import param_init
+from arvision.precision import current_dtype
 from arvision.sampling.guidance import mix
 
 _ZEROS = nn.initializers.zeros
@@ -54,6 +55,7 @@ def _dense(features: int, names: tuple, name: str, kernel_init=_XAVIER) -> nn.De
     kernel_init=param_init(kernel_init, names),
     bias_init=param_init(_ZEROS, (names[1],)),
     name=name,
+    dtype=current_dtype(),
   )
 
 
@@ -96,6 +98,7 @@ class ResBlock(nn.Module):
       scale_init=param_init(_ONES, ("norm",)),
       bias_init=param_init(_ZEROS, ("norm",)),
       name="in_ln",
+      dtype=current_dtype(),
     )(x)
     h = h * (1 + scale) + shift
     h = _dense(C, ("embed", "mlp"), "mlp_0")(h)
@@ -144,7 +147,8 @@ class SimpleMLPAdaLN(nn.Module):
     y = t_emb + c_emb
     for i in range(self.num_res_blocks):
       x = ResBlock(name=f"res_blocks_{i}")(x, y)
-    return FinalLayer(self.out_channels, name="final_layer")(x, y)
+    # float32 out: the diffusion / flow losses and sampler steps are float32 math.
+    return FinalLayer(self.out_channels, name="final_layer")(x, y).astype(jnp.float32)
 
 
 def cfg_model_output(out: jax.Array, cfg, token_dim: int) -> jax.Array:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
+from arvision.precision import current_dtype
 from arvision.sampling.kv_cache import KVCache, update_kv_cache
 
 
@@ -79,9 +80,10 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """torch `F.normalize(x, dim=-1)`: x / max(||x||, eps)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """torch `F.normalize(x, dim=-1)`: x / max(||x||, eps), the norm in float32."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+  return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
@@ -149,7 +151,11 @@ class SelfAttention(nn.Module):
     H, hd = self.num_heads, C // self.num_heads
     kinit = trunc_normal_init(self.init_std)
     qkv = nn.Dense(
-      3 * C, use_bias=False, kernel_init=param_init(kinit, ("embed", "heads")), name="mat_qkv"
+      3 * C,
+      use_bias=False,
+      kernel_init=param_init(kinit, ("embed", "heads")),
+      name="mat_qkv",
+      dtype=current_dtype(),
     )(x_BxLxC)
     q_bias = self.param("q_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
     v_bias = self.param("v_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
@@ -186,6 +192,7 @@ class SelfAttention(nn.Module):
       kernel_init=param_init(proj_init, ("heads", "embed")),
       bias_init=param_init(nn.initializers.zeros, ("embed",)),
       name="proj",
+      dtype=current_dtype(),
     )(out)
     return out, new_cache
 
@@ -206,6 +213,7 @@ class FFN(nn.Module):
       kernel_init=param_init(kinit, ("embed", "mlp")),
       bias_init=param_init(nn.initializers.zeros, ("mlp",)),
       name="fc1",
+      dtype=current_dtype(),
     )(x)
     h = constrain(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))
     fc2_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
@@ -214,6 +222,7 @@ class FFN(nn.Module):
       kernel_init=param_init(fc2_init, ("mlp", "embed")),
       bias_init=param_init(nn.initializers.zeros, ("embed",)),
       name="fc2",
+      dtype=current_dtype(),
     )(h)
 
 
@@ -285,7 +294,7 @@ class AdaLNSelfAttn(nn.Module):
       ada_gss = self.param(
         "ada_gss", param_init(gss_init, (None, None, None, "embed")), (1, 1, 6, C)
       )
-      ada_Bx1x6xC = ada_gss + cond
+      ada_Bx1x6xC = (ada_gss + cond).astype(x_BxLxC.dtype)
     else:
       ada = nn.Dense(
         6 * C,
@@ -294,6 +303,7 @@ class AdaLNSelfAttn(nn.Module):
         ),
         bias_init=param_init(nn.initializers.zeros, ("mlp",)),
         name="ada_lin",
+        dtype=current_dtype(),
       )(nn.silu(cond))
       ada_Bx1x6xC = ada.reshape(-1, 1, 6, C)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = [ada_Bx1x6xC[:, :, i] for i in range(6)]

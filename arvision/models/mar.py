@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from arvision import precision
 from arvision.models.common import param_count  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.heads import DiffusionHead
@@ -58,15 +59,18 @@ def _dense(features: int, names: tuple, name: str, use_bias: bool = True) -> nn.
     kernel_init=param_init(nn.initializers.xavier_uniform(), names),
     bias_init=param_init(nn.initializers.zeros, (names[-1],)),
     name=name,
+    dtype=precision.current_dtype(),
   )
 
 
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  # Flax computes the statistics in float32 whatever `dtype` (the output's) is.
   return nn.LayerNorm(
     epsilon=eps,
     scale_init=param_init(nn.initializers.ones, ("norm",)),
     bias_init=param_init(nn.initializers.zeros, ("norm",)),
     name=name,
+    dtype=precision.current_dtype(),
   )
 
 
@@ -214,7 +218,10 @@ class MAR(nn.Module):
     D, Dd, L, P = self.encoder_dim, self.decoder_dim, self.seq_len, self.buffer_size
     normal = nn.initializers.normal(0.02)
     self.class_emb = nn.Embed(
-      self.num_classes, D, embedding_init=param_init(normal, ("classes", "embed"))
+      self.num_classes,
+      D,
+      embedding_init=param_init(normal, ("classes", "embed")),
+      dtype=precision.current_dtype(),
     )
     self.fake_latent = self.param("fake_latent", param_init(normal, (None, "embed")), (1, D))
     self.z_proj = _dense(D, ("latent", "embed"), "z_proj")
@@ -286,7 +293,7 @@ class MAR(nn.Module):
     n_keep = jnp.sum(~masked, axis=1).astype(jnp.int32)
     x = constrain(jnp.take_along_axis(x, idx[:, :, None], axis=1), _BLE)
     for block in self.encoder_blocks:
-      x = block(x, n_keep, deterministic=not train)
+      x = precision.block(block, x, n_keep, deterministic=not train)
     return self.encoder_norm(x), idx, n_keep
 
   def decode(self, x_BxKxD, idx_BxK, n_keep_B, train: bool = False):
@@ -298,9 +305,9 @@ class MAR(nn.Module):
     x = jnp.where(valid, x, mask_tok)  # padding rows write a mask token where one already is
     full = jnp.broadcast_to(mask_tok, (B, self.seq_len + self.buffer_size, x.shape[-1]))
     full = full.at[jnp.arange(B)[:, None], idx_BxK].set(x)
-    x = constrain(full + self.decoder_pos_embed_learned, _BLE)
+    x = constrain(precision.cast(full + self.decoder_pos_embed_learned), _BLE)
     for block in self.decoder_blocks:
-      x = block(x, None, deterministic=not train)
+      x = precision.block(block, x, None, deterministic=not train)
     x = self.decoder_norm(x)[:, self.buffer_size :]
     return x + self.diffusion_pos_embed_learned
 
@@ -463,16 +470,17 @@ class MARFamily(Generator):
     B = tokens.shape[0]
     mask, rate = self.random_mask(k_mask, B)
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
-    loss = self.module.apply(
-      self._vars(params),
-      tokens,
-      mask,
-      label,
-      capacity=self.train_capacity,
-      diffusion_batch_mul=self.diffusion_batch_mul,
-      train=train,
-      rngs={"dropout": k_drop, "diffusion": k_diff},
-    )
+    with self.computing():
+      loss = self.module.apply(
+        self._vars(params),
+        tokens,
+        mask,
+        label,
+        capacity=self.train_capacity,
+        diffusion_batch_mul=self.diffusion_batch_mul,
+        train=train,
+        rngs={"dropout": k_drop, "diffusion": k_diff},
+      )
     return loss, {"loss": loss, "mask_rate": rate, "latent_std": jnp.std(tokens)}
 
   # --- sampling ----------------------------------------------------------------------------------

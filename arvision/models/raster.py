@@ -33,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from arvision import precision
 from arvision.models.common import param_count  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
+from arvision.precision import current_dtype
 from arvision.sampling import guidance, orders
 from arvision.sampling.kv_cache import KVCache, init_kv_caches, update_kv_cache
 from arvision.sampling.topk import filter_top_k_top_p
@@ -120,7 +122,7 @@ class RMSNorm(nn.Module):
     w = self.param("scale", param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(x.dtype) * w
+    return y.astype(x.dtype) * w.astype(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -134,10 +136,11 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     C = x.shape[-1]
     up = normal_init(self.init_std, ("embed", "mlp"))
-    w1 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w1")
-    w3 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w3")
+    dtype = current_dtype()
+    w1 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w1", dtype=dtype)
+    w3 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w3", dtype=dtype)
     down = normal_init(self.init_std, ("mlp", "embed"))
-    w2 = nn.Dense(C, use_bias=False, kernel_init=down, name="w2")
+    w2 = nn.Dense(C, use_bias=False, kernel_init=down, name="w2", dtype=dtype)
     h = constrain(nn.silu(w1(x)) * w3(x), ("batch", "seq", "mlp"))
     return nn.Dropout(self.dropout)(w2(h), deterministic=deterministic)
 
@@ -170,6 +173,7 @@ class Attention(nn.Module):
       use_bias=False,
       kernel_init=normal_init(self.init_std, ("embed", "heads")),
       name="wqkv",
+      dtype=current_dtype(),
     )(x_BxLxC)
     q = qkv[..., : H * hd].reshape(B, L, H, hd)
     k = qkv[..., H * hd : (H + Hkv) * hd].reshape(B, L, Hkv, hd)
@@ -182,7 +186,11 @@ class Attention(nn.Module):
       k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
     out = attention(q, k, v, mask=mask, impl=self.attn_impl, q_offset=cache_index)
     out = nn.Dense(
-      C, use_bias=False, kernel_init=normal_init(self.init_std, ("heads", "embed")), name="wo"
+      C,
+      use_bias=False,
+      kernel_init=normal_init(self.init_std, ("heads", "embed")),
+      name="wo",
+      dtype=current_dtype(),
     )(out.reshape(B, L, C))
     return nn.Dropout(self.resid_dropout)(out, deterministic=deterministic), new_cache
 
@@ -246,6 +254,7 @@ class LabelEmbedder(nn.Module):
       self.dim,
       embedding_init=normal_init(self.init_std, ("classes", "embed")),
       name="embedding_table",
+      dtype=current_dtype(),
     )
     return table(label_B)[:, None, :]
 
@@ -311,7 +320,10 @@ class RasterTransformer(nn.Module):
   def setup(self):
     std = self.init_std
     self.tok_embeddings = nn.Embed(
-      self.vocab_size, self.dim, embedding_init=normal_init(std, ("vocab", "embed"))
+      self.vocab_size,
+      self.dim,
+      embedding_init=normal_init(std, ("vocab", "embed")),
+      dtype=current_dtype(),
     )
     self.cls_embedding = LabelEmbedder(self.num_classes, self.dim, self.cond_drop_rate, std)
     hidden = ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
@@ -356,8 +368,14 @@ class RasterTransformer(nn.Module):
     new_caches = [] if caches is not None else None
     for i, layer in enumerate(self.layers):
       cache = caches[i] if caches is not None else None
-      h, cache = layer(
-        h, rope, mask=mask, deterministic=deterministic, cache=cache, cache_index=cache_index
+      h, cache = precision.block(
+        layer,
+        h,
+        rope,
+        mask=mask,
+        deterministic=deterministic,
+        cache=cache,
+        cache_index=cache_index,
       )
       if caches is not None:
         new_caches.append(cache)
@@ -366,7 +384,9 @@ class RasterTransformer(nn.Module):
 
   def logits(self, hidden_BxLxC: jax.Array) -> jax.Array:
     """The head on normed hidden states: float32 logits `[B, L, V]`."""
-    return constrain(self.output(hidden_BxLxC).astype(jnp.float32), ("batch", "seq", "vocab"))
+    # The head runs in float32 whatever the compute dtype (fp32 logits for the loss/sampler).
+    logits = self.output(hidden_BxLxC.astype(jnp.float32)).astype(jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
 
   def __call__(self, label_B, idx_BxLm1, rope_rows=None, mask=None, query=None, *, train=False):
     """Teacher-forced logits `[B, N, V]`: class prefix + tokens[:-1] predicts tokens.

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from arvision import precision
 from arvision.models import heads as heads_lib
 from arvision.models import next_scale
 from arvision.models.common import param_count  # noqa: F401
@@ -116,24 +117,26 @@ class VAR(nn.Module):
     zeros = nn.initializers.zeros
     first_l = self.lengths[0]
     embed_b = param_init(zeros, ("embed",))
+    dtype = precision.current_dtype()  # compute dtype (params stay float32)
     self.word_embed = nn.Dense(
-      C, kernel_init=param_init(tn, ("latent", "embed")), bias_init=embed_b
+      C, kernel_init=param_init(tn, ("latent", "embed")), bias_init=embed_b, dtype=dtype
     )
     self.class_emb = nn.Embed(
-      self.num_classes + 1, C, embedding_init=param_init(tn, ("classes", "embed"))
+      self.num_classes + 1, C, embedding_init=param_init(tn, ("classes", "embed")), dtype=dtype
     )
     # pos_* are initialised in the official constructor with the automatic std, never re-inited.
     pos_init = param_init(trunc_normal_init(auto_std), (None, "seq", "embed"))
     self.pos_start = self.param("pos_start", pos_init, (1, first_l, C))
     self.pos_1LC = self.param("pos_1LC", pos_init, (1, self.seq_len, C))
     self.lvl_embed = nn.Embed(
-      len(self.patch_nums), C, embedding_init=param_init(tn, (None, "embed"))
+      len(self.patch_nums), C, embedding_init=param_init(tn, (None, "embed")), dtype=dtype
     )
     if self.shared_aln:
       self.shared_ada_lin = nn.Dense(
         6 * C,
         kernel_init=param_init(tn, ("embed", "mlp")),
         bias_init=param_init(zeros, ("mlp",)),
+        dtype=dtype,
       )
     dpr = drop_path_rates(self.drop_path_rate, self.depth)
     self.blocks = [
@@ -215,12 +218,13 @@ class VAR(nn.Module):
     sos = cond_BxD[:, None, :] + self.pos_start
     sos = jnp.broadcast_to(sos, (B, first_l, self.width))
     x = jnp.concatenate([sos, self.word_embed(x_BxLm1xCvae.astype(jnp.float32))], axis=1)
-    x = constrain(x + self._lvl_pos(), ("batch", "seq", "embed"))
+    # The residual stream in the compute dtype (the fp32 position tables promote the sum).
+    x = constrain(precision.cast(x + self._lvl_pos()), ("batch", "seq", "embed"))
 
     cond = self._block_cond(cond_BxD)
     mask = next_scale.train_mask(self.mask, self.lengths)
     for block in self.blocks:
-      x, _ = block(x, cond, mask=mask, deterministic=not train)
+      x, _ = precision.block(block, x, cond, mask=mask, deterministic=not train)
     return self._logits(x, cond_BxD)
 
   def head_loss(self, target_NxC: jax.Array, z_NxC: jax.Array) -> jax.Array:
@@ -238,12 +242,13 @@ class VAR(nn.Module):
     cond_BxD = self.class_emb(label_B)
     first_l = self.lengths[0]
     x = cond_BxD[:, None, :] + self.pos_start + self._lvl_pos()[:, :first_l]
-    return x, cond_BxD
+    return precision.cast(x), cond_BxD
 
   def embed_next(self, next_BxlxCvae: jax.Array, si: int) -> jax.Array:
     """Input tokens of scale `si`: `word_embed(next) + lvl_pos[scale si]`."""
     b, e = scale_bounds(self.patch_nums)[si]
-    return self.word_embed(next_BxlxCvae.astype(jnp.float32)) + self._lvl_pos()[:, b:e]
+    x = self.word_embed(next_BxlxCvae.astype(jnp.float32)) + self._lvl_pos()[:, b:e]
+    return precision.cast(x)
 
   def step(self, x_BxlxC: jax.Array, cond_BxD: jax.Array, caches: list | None, si: int):
     """Runs scale `si` through all blocks; returns `(logits [B, l, V], caches)`.
@@ -419,7 +424,8 @@ class VARFamily(Generator):
     z, target = z_BxLxC.reshape(-1, z_BxLxC.shape[-1]), target.reshape(-1, target.shape[-1])
     rngs = {"diffusion": k_head}
     target = jax.lax.stop_gradient(target)
-    loss = self.module.apply(self._vars(params), target, z, method=VAR.head_loss, rngs=rngs)
+    with self.computing():
+      loss = self.module.apply(self._vars(params), target, z, method=VAR.head_loss, rngs=rngs)
     return loss, {"loss": loss}
 
   def _head_pick(self, params, out_2Bxlxc, scale, rng, codebook_VxC):
@@ -427,7 +433,8 @@ class VARFamily(Generator):
     B, l, _ = out_2Bxlxc.shape
     B //= 2
     z = out_2Bxlxc.reshape(2 * B * l, -1)  # rows: the B*l conditional, then the unconditional
-    h = self.module.apply(self._vars(params), z, scale, rng, method=VAR.head_sample)[: B * l]
+    with self.computing():
+      h = self.module.apply(self._vars(params), z, scale, rng, method=VAR.head_sample)[: B * l]
     dist = jnp.sum(codebook_VxC**2, axis=-1) - 2.0 * h @ codebook_VxC.T  # + |h|^2, constant
     return h.reshape(B, l, -1), jnp.argmin(dist, axis=-1).astype(jnp.int32).reshape(B, l)
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from arvision.parallel.logical import param_init
+from arvision.precision import current_dtype
 
 # PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -68,6 +69,7 @@ def Normalize(channels: int, name: str | None = None) -> nn.GroupNorm:  # noqa: 
     scale_init=param_init(nn.initializers.ones, ("norm",)),
     bias_init=param_init(nn.initializers.zeros, ("norm",)),
     name=name,
+    dtype=current_dtype(),  # statistics in float32 whatever the compute dtype (Flax)
   )
 
 
@@ -82,6 +84,7 @@ def Conv(features: int, kernel: int, stride: int = 1, name: str | None = None, p
     kernel_init=param_init(torch_conv_init, CONV_AXES),
     bias_init=param_init(nn.initializers.zeros, ("conv_out",)),
     name=name,
+    dtype=current_dtype(),
   )
 
 
@@ -124,7 +127,7 @@ class AttnBlock(nn.Module):
       q, k, v = (Conv(c, 1, name=n)(h) for n in ("q", "k", "v"))
     q, k, v = (t.reshape(b, hh * ww, c) for t in (q, k, v))
     w_BxLxL = jnp.einsum("bic,bjc->bij", q, k) * (c**-0.5)
-    w_BxLxL = jax.nn.softmax(w_BxLxL, axis=-1)
+    w_BxLxL = jax.nn.softmax(w_BxLxL.astype(jnp.float32), axis=-1).astype(v.dtype)
     o = jnp.einsum("bij,bjc->bic", w_BxLxL, v).reshape(b, hh, ww, c)
     return x_BxHxWxC + Conv(c, 1, name="proj_out")(o)
 
@@ -342,11 +345,12 @@ class Autoencoder(nn.Module):
         f"images have {x_BxHxWxC.shape[-1]} channels; this tokenizer takes "
         f"in_channels={self.in_channels}"
       )
-    return self.quant_conv(self.encoder(x_BxHxWxC, train))
+    # float32 features: quantisation (distances, codes) and KL moments are float32 math.
+    return self.quant_conv(self.encoder(x_BxHxWxC, train)).astype(jnp.float32)
 
   def decode(self, f_BxhxwxC: jax.Array, train: bool = False) -> jax.Array:
     """(Quantized) features -> images (not clipped; callers clip for display)."""
-    return self.decoder(self.post_quant_conv(f_BxhxwxC), train)
+    return self.decoder(self.post_quant_conv(f_BxhxwxC), train).astype(jnp.float32)
 
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     """Reconstruction (unclipped) and the quantizer's outputs (`loss`, codes, usage, ...)."""

@@ -183,9 +183,10 @@ class TokenizerFamily(Family):
   def loss(self, params, batch, rng, train: bool):
     x = jnp.asarray(batch["image"], jnp.float32)
     k_drop, k_sample = jax.random.split(rng)
-    recon, aux = self.module.apply(
-      self._ae(params), x, train=train, rngs={"dropout": k_drop, "sample": k_sample}
-    )
+    with self.computing():  # the compute dtype; reconstruction and losses come back float32
+      recon, aux = self.module.apply(
+        self._ae(params), x, train=train, rngs={"dropout": k_drop, "sample": k_sample}
+      )
     rec, rec_m = L.reconstruction_loss(recon, x, self.l1_weight, self.l2_weight)
     quant = aux["loss"] * (self.kl_weight if self.type == "kl" else self.quant_weight)
     total = rec + quant
@@ -219,7 +220,10 @@ class TokenizerFamily(Family):
 
   def reconstruct(self, params, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """(recon clipped to [-1, 1], codes int32 [B, N] or None for kl). msvq codes: all scales."""
-    recon, aux = self.module.apply(self._ae(params), jnp.asarray(images, jnp.float32), train=False)
+    with self.computing():
+      recon, aux = self.module.apply(
+        self._ae(params), jnp.asarray(images, jnp.float32), train=False
+      )
     return jnp.clip(recon, -1.0, 1.0), aux.get("codes")
 
   # --- generator-facing API ----------------------------------------------------------------------
@@ -230,7 +234,8 @@ class TokenizerFamily(Family):
 
   def encode_f(self, params, images: jax.Array) -> jax.Array:
     """Pre-quantization features (KL: moments) [B, h, w, C]."""
-    return self.module.apply(self._ae(params), jnp.asarray(images, jnp.float32), method="encode")
+    with self.computing():  # this tokenizer's dtype, also inside a generator's forward
+      return self.module.apply(self._ae(params), jnp.asarray(images, jnp.float32), method="encode")
 
   def encode_idx(self, params, images: jax.Array):
     """msvq: list of int32 [B, pn*pn] per scale; vq: int32 [B, h*w] (row-major)."""
@@ -288,7 +293,9 @@ class TokenizerFamily(Family):
 
   def decode_fhat(self, params, f_hat: jax.Array) -> jax.Array:
     """Quantized features -> images clipped to [-1, 1]."""
-    return jnp.clip(self.module.apply(self._ae(params), f_hat, method="decode"), -1.0, 1.0)
+    with self.computing():
+      images = self.module.apply(self._ae(params), f_hat, method="decode")
+    return jnp.clip(images, -1.0, 1.0)
 
   def decode_idx(self, params, idx) -> jax.Array:
     """Codes -> images in [-1, 1] (msvq: list per scale; vq: [B, h*w])."""
