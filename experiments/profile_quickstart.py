@@ -148,6 +148,12 @@ def profile(config, steps: int, tmp: str, step_only: bool = False) -> dict:
     data_images=round(out["data_images"]["ms"] / s, 3),
     host_sync=round(max(s - out["step_image_async"]["ms"], 0.0) / s, 3),
   )
+  # The same shares in CPU time (all threads): stable on a busy machine, where wall times are not.
+  c = out["step_image"]["cpu_ms"]
+  out["cpu_share_of_image_step"] = {
+    k: round(out[k]["cpu_ms"] / c, 3)
+    for k in ("encode", "forward", "forward_backward", "optimizer", "data_images")
+  }
   return out
 
 

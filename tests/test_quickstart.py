@@ -167,3 +167,14 @@ def test_packaged_tokenizer_fits_its_config():
   assert all(jax.tree.leaves(shapes))
   info = shipped.info("shipped:fmnist_msvq")
   assert info["step"] == want.total_steps and info["metrics"]["psnr"] > 20
+
+
+def test_shipped_match_ignores_fields_added_later_but_not_changed_ones():
+  want = config_util.load_config_file("tokenizer.py:fmnist_msvq")
+  old = config_util.from_json(config_util.to_json(want))
+  with old.unlocked():
+    del old.model["dtype"]  # a run from before `model.dtype` existed
+  assert shipped.differences(old, want) == []
+  with old.unlocked():
+    old.optim.lr = 1e-3
+  assert shipped.differences(old, want) == [f"optim.lr: shipped 0.001 vs wanted {want.optim.lr!r}"]

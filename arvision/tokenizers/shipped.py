@@ -5,9 +5,10 @@
 `arvision train --config configs/tokenizer.py:<name>` (EMA params when the run kept them), that
 run's config and a sha of what determines the weights (model, loss, data, optim, steps, seed).
 
-The weights are used only while `configs/tokenizer.py:<name>` still hashes to that sha; after a
-config change `resolve` says so and the generator trains its tokenizer in `WORKDIR/tokenizer` as
-before (`make quickstart-from-scratch` always does). Refresh the file with
+The weights are used only while `configs/tokenizer.py:<name>` still has the shipped run's values
+in every field that determines weights (fields added to arvision later are not compared, as on
+resume); after a config change `resolve` says which fields differ and the generator trains its
+tokenizer in `WORKDIR/tokenizer` as before (`make quickstart-from-scratch` always does). Refresh the file with
 
     arvision train --config configs/tokenizer.py:<name> --workdir runs/tok_<name>
     python -m arvision.tokenizers.shipped --workdir runs/tok_<name> --name <name>
@@ -87,6 +88,33 @@ def info(spec: str) -> dict:
     return json.loads(str(f["__info__"]))
 
 
+def _weight_fields(config) -> dict:
+  """Flattened `{"model.ch": 16, ...}` of what determines the weights."""
+  d = json.loads(config_util.to_json(config))
+  flat = {}
+  for k in _SHA_KEYS:
+    v = d.get(k)
+    if isinstance(v, dict):
+      for kk, vv in v.items():
+        if not (k == "data" and kk in _DATA_NOT_IN_SHA):
+          flat[f"{k}.{kk}"] = list(vv) if isinstance(vv, tuple) else vv
+    else:
+      flat[k] = v
+  return flat
+
+
+def differences(shipped_config, wanted_config) -> list[str]:
+  """Fields that determine the weights and differ. A field the shipped run's config lacks was added
+  to arvision after it was trained and is not compared (the `train.check_resumable` rule): such a
+  field must default to what the shipped run did (e.g. `model.dtype = "float32"`)."""
+  have, want = _weight_fields(shipped_config), _weight_fields(wanted_config)
+  return sorted(
+    f"{k}: shipped {have.get(k)!r} vs wanted {want.get(k)!r}"
+    for k in have
+    if have[k] != want.get(k)
+  )
+
+
 def resolve(spec: str, wanted_config) -> bool:
   """Whether the shipped tokenizer `spec` was trained with `wanted_config` (the generator's
   `config.tokenizer.config`); logs why not."""
@@ -94,17 +122,16 @@ def resolve(spec: str, wanted_config) -> bool:
   if not os.path.exists(path(name)):
     logging.warning("shipped tokenizer %s is not in this install", name)
     return False
-  have = info(spec)["config_sha"]
-  want = config_sha(wanted_config)
-  if have != want:
+  shipped_config, _ = load(spec)
+  diff = differences(shipped_config, wanted_config)
+  if diff:
     logging.warning(
-      "the shipped tokenizer %s was trained with another config (sha %s, this run wants %s): "
-      "training the tokenizer instead",
+      "the shipped tokenizer %s was trained with another config (%s): training the tokenizer "
+      "instead",
       name,
-      have,
-      want,
+      "; ".join(diff[:5]),
     )
-  return have == want
+  return not diff
 
 
 def export(workdir: str, name: str, out: str | None = None) -> str:
