@@ -16,7 +16,10 @@ FLOOR = experiments/results/domain_classifier.json
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,convert,demo]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,convert,demo,aot]"
+	# The CUDA plugin lowers the Triton kernels for GPUs from this host (tests/test_kernels_aot.py).
+	# Its own directory, not the venv: installed there it prints CUDA warnings on every import jax.
+	$(BIN)/python -m pip install -q --upgrade --no-deps -c constraints.txt --target $(VENV)/cuda-aot jax-cuda12-plugin
 	# torch-fidelity: only its Inception module, an independent reference for our FID port
 	# (--no-deps: it asks for torchvision, which has no CPU build that matches torch here).
 	$(BIN)/python -m pip install -q --no-deps torch-fidelity==0.4.0
@@ -60,11 +63,11 @@ quickstart-from-scratch: setup-core data
 
 test: setup data
 	$(BIN)/ruff check arvision configs experiments tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # Minutes-long checks (e.g. the domain classifier reaching >= 90% on Fashion-MNIST).
 test-slow: setup data
-	$(BIN)/python -m pytest -q -m slow tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
 	$(BIN)/ruff check arvision configs experiments tests

@@ -17,6 +17,8 @@
     arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
     arvision convert mar_vae kl16.ckpt --out runs/kl16
     arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
+    arvision compile --config configs/var.py:d30 --topology v5p:4x4x8 --config.sharding.strategy=fsdp
+                     [--what sample] [--json out.json] [--alternatives 4]   # needs the `aot` extra
 
 Bad input (an unknown config field, a missing workdir, a label out of range, ...) prints one line,
 `arvision <cmd>: error: <what was wrong>; <what to do>`, and exits with status 2; `--verbose` (or
@@ -38,7 +40,18 @@ from ml_collections import config_flags
 
 from arvision import config_util, errors
 
-COMMANDS = ("train", "eval", "sample", "tokenize", "convert", "verify", "zoo", "export", "demo")
+COMMANDS = (
+  "train",
+  "eval",
+  "sample",
+  "tokenize",
+  "convert",
+  "verify",
+  "zoo",
+  "export",
+  "demo",
+  "compile",
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "path/to/config.py[:variant]", lock_config=True
@@ -96,6 +109,17 @@ _VIEWS = flags.DEFINE_enum(
 )
 _VAE = flags.DEFINE_string(
   "vae", None, "convert var|llamagen|mar: the converted tokenizer dir or the official checkpoint"
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "compile: a TPU slice, <chip>:<shape>, e.g. v5p:4x4x8, v6e:16x16, v5e:16x16"
+)
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "sample"], "compile: the step to compile")
+_JSON = flags.DEFINE_string("json", None, "compile: also write the report as JSON here")
+_ALTERNATIVES = flags.DEFINE_integer(
+  "alternatives",
+  4,
+  "compile: when the step does not fit, compile up to this many alternatives (strategies, "
+  "remat, accumulation) and name the first that fits; 0: none",
 )
 _VERBOSE = flags.DEFINE_bool(
   "verbose", False, "show the traceback of user errors too (also: ARVISION_DEBUG=1)"
@@ -307,6 +331,47 @@ def _verify():
     sys.exit(1)
 
 
+def _compile():
+  import json
+
+  from arvision.parallel import aot
+
+  config = _CONFIG.value
+  if config is None:
+    raise errors.UserError("--config is required, e.g. --config configs/var.py:d30")
+  topology = _require(_TOPOLOGY, "topology")
+  report = aot.compile_step(config, topology, what=_WHAT.value)
+  if not report["fits"] and _WHAT.value == "train" and _ALTERNATIVES.value > 0:
+    print(aot.format_report(report), flush=True)
+    print(f"does not fit: compiling up to {_ALTERNATIVES.value} alternatives ...", flush=True)
+    report["alternatives"] = aot.find_fit(config, topology, max_tries=_ALTERNATIVES.value)
+    print("\n".join(aot.format_report(report).splitlines()[-len(report["alternatives"]) - 2 :]))
+  else:
+    print(aot.format_report(report))
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      json.dump(aot.to_json(report), f, indent=1)
+    print(f"wrote {_JSON.value}")
+
+
+def _default_to_cpu():
+  """Without JAX_PLATFORMS and without accelerator device files, run on the CPU directly: an
+  installed libtpu (the `aot` extra, for `arvision compile`) would otherwise try to open a TPU
+  and print its failure on every command."""
+  if os.environ.get("JAX_PLATFORMS") is not None:
+    return
+  import glob
+
+  if any(
+    glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+  ):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # read at import: update the live config too
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def main(argv):
   if _COMMAND in ("train", "eval", "sample", "tokenize"):
     from arvision.parallel import maybe_initialize_distributed
@@ -329,6 +394,7 @@ def main(argv):
       "zoo": _zoo,
       "export": _export,
       "demo": _demo,
+      "compile": _compile,
     }
     commands[_COMMAND]()
   except errors.UserError as e:
@@ -453,6 +519,7 @@ def run():
     print(f"usage: arvision {{{'|'.join(COMMANDS)}}} [flags]\n\n{__doc__}", file=sys.stderr)
     sys.exit(2)
   _COMMAND = sys.argv[1]
+  _default_to_cpu()
   # Orbax leaves an un-awaited coroutine behind when a save fails; the failure is reported.
   warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
   logging.set_verbosity(logging.INFO)

@@ -53,7 +53,7 @@ import jax
 import numpy as np
 
 from arvision import config_util, data, families, parallel, train
-from arvision.parallel import cost, measure
+from arvision.parallel import aot, cost, measure
 
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "hsdp")
 
@@ -193,8 +193,182 @@ def loss_spread(rows) -> float | None:
   return (max(losses) - min(losses)) / max(abs(statistics.mean(losses)), 1e-12)
 
 
+TPU_MODELS = ("var.py:d30", "var.py:d36", "raster.py:XL", "raster.py:3B", "mar.py:H")
+TPU_TOPOLOGIES = ("v5p:4x4x8", "v6e:16x16", "v5e:16x16")
+
+
+def topology_row(spec, config, fam, frozen, model, topology, strategy, mesh):
+  """One (model, slice, strategy): the step compiled for the slice (`parallel.aot`) next to the
+  analytic model (`parallel.cost.per_device`, flash attention, no remat)."""
+  chip = aot.chip_of(topology)
+  fields = {"sharding.strategy": strategy} | {f"mesh.{a}": v for a, v in mesh.items()}
+  r = aot.compile_step(aot.with_fields(config, fields), topology)
+  B = int(config.data.batch_size)
+  shards = mesh["data"] * mesh["fsdp"]
+  example = data.input_spec(config.data, 1)
+  batch_dev = sum(x.nbytes for x in example.values()) * B // shards
+  rules = parallel.get_rules(strategy)
+  analytic = cost.per_device(model, strategy, mesh, rules=rules, hbm_bytes=chip.hbm_bytes)
+  args = cost.argument_bytes(model, fam, frozen, rules, mesh, batch_dev, model.ema)
+  acts = analytic["memory"]["activations_per_example"]["flash"] * analytic["examples_per_device"]
+  formula = dict(
+    arguments=args["total"],
+    grads=analytic["memory"]["grads"],
+    activations=acts,
+    total=args["total"] + analytic["memory"]["grads"] + acts,
+  )
+  needed = aot.needed_bytes(r)
+  formula["ratio"] = needed / formula["total"]
+  if r["memory_bytes"]:
+    formula["argument_ratio"] = r["memory_bytes"]["argument"] / args["total"]
+  return dict(
+    model=spec,
+    topology=topology,
+    chips=r["chips"],
+    strategy=strategy,
+    mesh={k: v for k, v in mesh.items() if v > 1},
+    batch=B,
+    per_chip_batch=B / shards,
+    fits=r["fits"],
+    needed_bytes=needed,
+    hbm_bytes=chip.hbm_bytes,
+    memory_bytes=r["memory_bytes"],
+    out_of_memory=r.get("out_of_memory"),
+    flops=r["flops"],
+    bytes_accessed=r["bytes_accessed"],
+    collectives=r["collectives"],
+    roofline=r["roofline"],
+    model_flops=r.get("model_flops"),
+    formula=formula,
+    compile_s=r["compile_s"],
+  )
+
+
+def run_topologies(args) -> dict:
+  """`--topology`: every model x slice x strategy compiled for the slice; JSON after every row
+  (an interrupted run resumes with the rows it has)."""
+  out = dict(rows=[])
+  if args.out and os.path.exists(args.out):
+    with open(args.out) as f:
+      out = json.load(f)
+  for path in filter(None, args.merge.split(",")):  # rows of runs made in parallel
+    with open(path) as f:
+      have = {(r["model"], r["topology"], r["strategy"]) for r in out["rows"]}
+      out["rows"] += [
+        r for r in json.load(f)["rows"] if (r["model"], r["topology"], r["strategy"]) not in have
+      ]
+  done = {(r["model"], r["topology"], r["strategy"]) for r in out["rows"]}
+  for spec in args.models.split(","):
+    path = spec if os.path.exists(spec) else os.path.join("configs", spec)
+    config = config_util.load_config_file(path)
+    fam, frozen = aot.abstract_family(config)
+    model = cost.model_from_family(spec, config, fam)
+    for topology in args.topology.split(","):
+      n = len(aot.topology_devices(topology))
+      for strategy in args.strategies.split(","):
+        if (spec, topology, strategy) in done:
+          continue
+        mesh = aot.default_mesh(strategy, n, model.heads)
+        shards = mesh["data"] * mesh["fsdp"]
+        B = int(config.data.batch_size)
+        if B % shards:
+          row = dict(model=spec, topology=topology, strategy=strategy, mesh=mesh,
+                     skip=f"batch {B} is not divisible by {shards} batch shards")  # fmt: skip
+        else:
+          print(f"{spec} on {topology}, {strategy} {mesh} ...", flush=True)
+          try:
+            row = topology_row(spec, config, fam, frozen, model, topology, strategy, mesh)
+          except Exception as e:  # noqa: BLE001 (a row that fails to compile is a result)
+            row = dict(model=spec, topology=topology, strategy=strategy, mesh=mesh,
+                       error=f"{type(e).__name__}: {e}"[:500])  # fmt: skip
+          print("  " + topology_line(row), flush=True)
+        out["rows"].append(row)
+        out.update(_provenance(args))
+        if args.out:
+          _write(args.out, out)
+  return out
+
+
+def _provenance(args) -> dict:
+  import flax  # noqa: PLC0415
+
+  return dict(
+    command="python experiments/bench_sharding.py --topology " + args.topology
+    + " --models " + args.models + " --strategies " + args.strategies
+    + (" --merge " + args.merge if args.merge else ""),
+    host=platform.machine(),
+    versions=dict(jax=jax.__version__, flax=flax.__version__, libtpu=aot._libtpu_version(),
+                  python=platform.python_version()),
+    note="compiled ahead of time on a CPU host (no TPU): memory from the TPU compiler, step "
+    "time a roofline estimate from the chip table (arvision/parallel/chips.py), not measured",
+  )  # fmt: skip
+
+
+def _write(path, out):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(aot.to_json(out), f, indent=1)
+
+
+def _gib(x):
+  return f"{x / 2**30:.1f}"
+
+
+def topology_line(r) -> str:
+  if "skip" in r:
+    return f"skipped: {r['skip']}"
+  if "error" in r:
+    return f"failed: {r['error']}"
+  verdict = "fits" if r["fits"] else "DOES NOT FIT"
+  step = r["roofline"]["step_s"] if r["roofline"] else None
+  return (
+    f"{_gib(r['needed_bytes'])} GiB of {_gib(r['hbm_bytes'])} ({verdict}), formula ratio "
+    f"{r['formula']['ratio']:.2f}" + (f", step >= {step * 1e3:.0f} ms" if step else "")
+  )
+
+
+def topology_table(result: dict) -> str:
+  """Markdown: one row per model x slice x strategy."""
+  lines = [
+    "| model | slice | strategy | mesh | batch/chip | GiB/chip (compiler) | fits | formula GiB | "
+    "ratio | collectives (n, GiB) | roofline step ms (bound) | MFU at roofline |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+    head = f"| {r['model']} | {r['topology']} | {r['strategy']} | {mesh} |"
+    if "skip" in r or "error" in r:
+      lines.append(f"{head} {'skipped: ' + r['skip'] if 'skip' in r else 'failed'} |||||||")
+      continue
+    f = r["formula"]
+    if r["roofline"]:
+      c, rf = r["collectives"], r["roofline"]
+      coll = f"{c['count']}, {c['bytes'] / 2**30:.2f}"
+      step = f"{rf['step_s'] * 1e3:,.0f} ({rf['bound']})"
+      mfu = f"{100 * rf['mfu']:.0f}%" if rf.get("mfu") else "-"
+    else:
+      coll, step, mfu = "-", "- (compiler: out of HBM)", "-"
+    lines.append(
+      f"{head} {r['per_chip_batch']:g} | {_gib(r['needed_bytes'])} | "
+      f"{'yes' if r['fits'] else '**no**'} | {_gib(f['total'])} | {f['ratio']:.2f} | {coll} | "
+      f"{step} | {mfu} |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument(
+    "--topology",
+    default="",
+    help="compile for these TPU slices instead of running here, e.g. v5p:4x4x8,v6e:16x16 "
+    "(needs libtpu: the aot extra); with --models",
+  )
+  ap.add_argument("--models", default=",".join(TPU_MODELS), help="with --topology: config specs")
+  ap.add_argument("--docs", default="", help="with --topology: markdown file to update")
+  ap.add_argument(
+    "--merge", default="", help="with --topology: JSONs of other --topology runs to take rows from"
+  )
   ap.add_argument("--config", default="configs/var.py:smoke")
   ap.add_argument("--out", default="")
   ap.add_argument("--steps", type=int, default=3, help="timed steps per strategy")
@@ -202,6 +376,15 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
   ap.add_argument("--strategies", default=",".join(STRATEGIES))
   args = ap.parse_args(argv)
+  if args.topology:
+    result = run_topologies(args)
+    text = topology_table(result)
+    print(text)
+    if args.docs:
+      from scaling_model import replace_block  # noqa: PLC0415 (a sibling script)
+
+      replace_block(args.docs, "bench_sharding_tpu", text)
+    return result
 
   config, fam, frozen = build(args.config, args.batch)
   model = cost.model_from_family(args.config, config, fam)

@@ -1,6 +1,6 @@
 """Small helpers shared by the Pallas kernels."""
 
-import jax
+from arvision.target import backend
 
 
 def cdiv(a, b):
@@ -9,5 +9,8 @@ def cdiv(a, b):
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-  """None means Pallas interpret mode exactly when the default backend is the CPU."""
-  return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+  """None means Pallas interpret mode exactly when the target is the CPU: the default backend, or
+  the platform of an active `arvision.target.target_backend` (ahead-of-time compiles)."""
+  if interpret is not None:
+    return bool(interpret)
+  return backend() == "cpu"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arvision.ops import masks as masks_lib
+from arvision.target import backend, target_backend  # noqa: F401 (target_backend: re-exported)
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
 
@@ -135,34 +136,34 @@ def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
       f"q and v; got q {d}, v {v.shape[-1]}"
     )
   # Checked last, so that on CPU the reasons above still show up in errors and tests.
-  if jax.default_backend() != "gpu":
-    return f"cuDNN needs a GPU backend; the default backend is {jax.default_backend()!r}"
+  if backend() != "gpu":
+    return f"cuDNN needs a GPU backend; the default backend is {backend()!r}"
   return None
 
 
 def _kernel_unsupported_reason(impl, q, q_offset) -> str | None:
   if _static_offset(q_offset) is None:
     return f"impl={impl!r} needs a static int q_offset (its tile tables are built on the host)"
-  backend = jax.default_backend()
+  platform = backend()
   if impl == "pallas":
-    if backend not in ("gpu", "cpu"):
-      return f"pallas (Triton) runs on GPU, or on CPU in interpret mode; backend is {backend!r}"
-    if backend == "gpu" and q.shape[-1] > _CUDNN_MAX_HEAD_DIM:
+    if platform not in ("gpu", "cpu"):
+      return f"pallas (Triton) runs on GPU, or on CPU in interpret mode; backend is {platform!r}"
+    if platform == "gpu" and q.shape[-1] > _CUDNN_MAX_HEAD_DIM:
       return f"pallas on GPU needs a head dim <= {_CUDNN_MAX_HEAD_DIM}, got {q.shape[-1]}"
-  elif backend not in ("tpu", "cpu"):
-    return f"splash runs on TPU, or on CPU in interpret mode; backend is {backend!r}"
+  elif platform not in ("tpu", "cpu"):
+    return f"splash runs on TPU, or on CPU in interpret mode; backend is {platform!r}"
   return None
 
 
 def choose_impl(q, k, v, *, mask, q_offset=0) -> str:
   """The implementation `impl="auto"` runs for this call on the current default backend."""
-  backend = jax.default_backend()
-  if backend == "gpu":
+  platform = backend()
+  if platform == "gpu":
     if unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset) is None:
       return "cudnn"
     if unsupported_reason("pallas", q, k, v, mask=mask, q_offset=q_offset) is None:
       return "pallas"
-  if backend == "tpu":
+  if platform == "tpu":
     if unsupported_reason("splash", q, k, v, mask=mask, q_offset=q_offset) is None:
       return "splash"
   return "xla"
@@ -206,12 +207,13 @@ def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=No
       )
     # Imported here: the kernels import this module's package (ops.masks, ops.attention).
     if impl == "pallas":
-      from arvision.kernels.scalewise.kernel_gpu import scalewise_attention  # noqa: PLC0415
-
-      return scalewise_attention(q, k, v, mask=mask, scale=scale, q_offset=offset)
-    from arvision.kernels.scalewise.kernel_tpu import splash_scalewise_attention  # noqa: PLC0415
-
-    return splash_scalewise_attention(q, k, v, mask=mask, scale=scale, q_offset=offset)
+      from arvision.kernels.scalewise.kernel_gpu import scalewise_attention as kernel  # noqa: PLC0415
+    else:
+      from arvision.kernels.scalewise.kernel_tpu import (  # noqa: PLC0415
+        splash_scalewise_attention as kernel,
+      )
+    fn = lambda q, k, v: kernel(q, k, v, mask=mask, scale=scale, q_offset=offset)
+    return _per_shard(fn, q, k)(q, k, v)
   if impl == "cudnn":
     reason = unsupported_reason("cudnn", q, k, v, mask=mask, q_offset=q_offset)
     if reason is not None:
@@ -231,6 +233,26 @@ def attention(q, k, v, *, mask: masks_lib.MaskSpec, impl: str = "auto", scale=No
       implementation="cudnn",
     ).astype(q.dtype)
   raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _per_shard(fn, q, k):
+  """`fn` under `shard_map` when a sharding strategy is active (`parallel.use_rules`, i.e. inside
+  the loop's jitted step): a Pallas/Mosaic call cannot be partitioned by the compiler, so each
+  device runs the kernel on its own examples (batch over ("data", "fsdp") when they divide it)
+  and heads (over "tensor" when it divides the q and kv heads)."""
+  from arvision.parallel import logical  # noqa: PLC0415 (parallel imports flax; ops stays light)
+
+  current = logical.active()
+  if current is None or current[0].size == 1:
+    return fn
+  mesh = current[0]
+  from arvision.kernels import shard_attention  # noqa: PLC0415
+
+  size = lambda axes: math.prod(int(mesh.shape[a]) for a in axes)
+  batch_axes = ("data", "fsdp") if q.shape[0] % size(("data", "fsdp")) == 0 else ()
+  t = size(("tensor",))
+  head_axis = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+  return shard_attention(fn, mesh, batch_axes=batch_axes, head_axis=head_axis)
 
 
 def _xla_attention(q, k, v, mask, scale, q_offset):

@@ -37,7 +37,16 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(AXES)
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # A mesh axis that is no product of physical axes (tensor=8 on a 16x16 v6e slice, found by
+    # `arvision compile`): split a physical axis, as jax.make_mesh already does on v5e.
+    from jax.experimental import mesh_utils  # noqa: PLC0415
+
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
 
 
 def replicated(mesh) -> NamedSharding:
