@@ -9,6 +9,8 @@ QUICKSTART_SCRATCH ?= runs/quickstart-from-scratch
 # When make started (before setup): the end-of-job summary reports the whole wall time from here.
 JOB_START := $(shell date +%s)
 SUMMARY = $(BIN)/python -m arvision.summary
+# Extra `arvision train` flags for the quickstart, e.g. QUICKSTART_ARGS=--config.total_steps=950
+QUICKSTART_ARGS ?=
 FLOOR = experiments/results/domain_classifier.json
 
 .PHONY: setup setup-core data quickstart quickstart-from-scratch test test-slow lint clean
@@ -49,7 +51,7 @@ data:
 define quickstart_job
 	rm -f $(1)/stage_times.json
 	$(SUMMARY) stage --workdir $(1) --name $(2) -- $(BIN)/arvision train --config configs/var.py:fmnist \
-	  --workdir $(1) --config.eval.num_samples=100 $(3)
+	  --workdir $(1) --config.eval.num_samples=100 $(3) $(QUICKSTART_ARGS)
 	$(SUMMARY) stage --workdir $(1) --name eval -- $(BIN)/arvision eval --workdir $(1) \
 	  --num_samples 1000 --out $(1)/eval
 	$(SUMMARY) report --workdir $(1) --eval $(1)/eval --job_start $(JOB_START) --floor $(FLOOR)

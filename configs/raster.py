@@ -11,7 +11,14 @@ Variants (`configs/raster.py:<variant>[,image_size=384]`):
   (XL, XXL, 3B) unless `image_size=` is given. Param counts 110,888,448 (B) / 342,910,976
   (L) / 3,096,659,200 (3B), equal to the official state dicts.
 - `fmnist`: a small model for 32x32 Fashion-MNIST on `tokenizer.py:fmnist_vq` (8x8 codes; 2-core
-  CPU).
+  CPU). Its 2400 steps see 2.6 epochs, so codes extracted once pay off a little: a step on codes
+  costs ~16% less CPU than on images (experiments/results/profile_quickstart.json, raster_fmnist:
+  780 vs 925 CPU-ms): ~3 CPU-minutes saved net of the one encode pass. Not the default: the
+  extracted views (`center_flip`) replace the random crops, a recipe change not yet measured:
+    arvision train --config configs/tokenizer.py:fmnist_vq --workdir runs/tok_vq
+    arvision tokenize --workdir runs/tok_vq --out runs/tok_vq_codes --views center_flip
+    arvision train --config configs/raster.py:fmnist --workdir runs/raster \
+      --config.tokenizer.checkpoint=runs/tok_vq --config.data.source=tokens:runs/tok_vq_codes
 - `smoke`: tiny, on a VQ version of `tokenizer.py:smoke`; runs in seconds (tests).
 
 Successors are config fields, not variants (arvision/sampling/orders.py): RandAR-style random
