@@ -197,12 +197,13 @@ TPU_MODELS = ("var.py:d30", "var.py:d36", "raster.py:XL", "raster.py:3B", "mar.p
 TPU_TOPOLOGIES = ("v5p:4x4x8", "v6e:16x16", "v5e:16x16")
 
 
-def topology_row(spec, config, fam, frozen, model, topology, strategy, mesh):
-  """One (model, slice, strategy): the step compiled for the slice (`parallel.aot`) next to the
-  analytic model (`parallel.cost.per_device`, flash attention, no remat)."""
+def topology_row(spec, config, fam, frozen, model, topology, strategy, mesh, report=None):
+  """One (model, slice, strategy): the step compiled for the slice (`parallel.aot`; or `report`,
+  an `arvision compile --json` output of it) next to the analytic model
+  (`parallel.cost.per_device`, flash attention, no remat)."""
   chip = aot.chip_of(topology)
   fields = {"sharding.strategy": strategy} | {f"mesh.{a}": v for a, v in mesh.items()}
-  r = aot.compile_step(aot.with_fields(config, fields), topology)
+  r = report or aot.compile_step(aot.with_fields(config, fields), topology)
   B = int(config.data.batch_size)
   shards = mesh["data"] * mesh["fsdp"]
   example = data.input_spec(config.data, 1)
@@ -257,8 +258,26 @@ def run_topologies(args) -> dict:
       out["rows"] += [
         r for r in json.load(f)["rows"] if (r["model"], r["topology"], r["strategy"]) not in have
       ]
+  for path in filter(None, args.reports.split(",")):  # `arvision compile --json` outputs
+    with open(path) as f:
+      rep = json.load(f)
+    c = rep["config"]
+    spec = f"{c['family']}.py:{c['variant']}"
+    config = config_util.load_config_file(os.path.join("configs", spec))
+    fam, frozen = aot.abstract_family(config)
+    model = cost.model_from_family(spec, config, fam)
+    row = topology_row(
+      spec, config, fam, frozen, model, rep["topology"], c["strategy"], c["mesh"], report=rep
+    )
+    row["from_report"] = os.path.basename(path)
+    out["rows"] = [
+      r
+      for r in out["rows"]
+      if (r["model"], r["topology"], r["strategy"]) != (spec, rep["topology"], c["strategy"])
+    ] + [row]
+    print(f"{spec} on {rep['topology']}, {c['strategy']} (from {path}): {topology_line(row)}")
   done = {(r["model"], r["topology"], r["strategy"]) for r in out["rows"]}
-  for spec in args.models.split(","):
+  for spec in filter(None, args.models.split(",")):
     path = spec if os.path.exists(spec) else os.path.join("configs", spec)
     config = config_util.load_config_file(path)
     fam, frozen = aot.abstract_family(config)
@@ -295,7 +314,8 @@ def _provenance(args) -> dict:
   return dict(
     command="python experiments/bench_sharding.py --topology " + args.topology
     + " --models " + args.models + " --strategies " + args.strategies
-    + (" --merge " + args.merge if args.merge else ""),
+    + (" --merge " + args.merge if args.merge else "")
+    + (" --reports " + args.reports if args.reports else ""),
     host=platform.machine(),
     versions=dict(jax=jax.__version__, flax=flax.__version__, libtpu=aot._libtpu_version(),
                   python=platform.python_version()),
@@ -368,6 +388,11 @@ def main(argv=None):
   ap.add_argument("--docs", default="", help="with --topology: markdown file to update")
   ap.add_argument(
     "--merge", default="", help="with --topology: JSONs of other --topology runs to take rows from"
+  )
+  ap.add_argument(
+    "--reports",
+    default="",
+    help="with --topology: `arvision compile --json` outputs to turn into rows (no recompiling)",
   )
   ap.add_argument("--config", default="configs/var.py:smoke")
   ap.add_argument("--out", default="")

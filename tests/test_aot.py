@@ -75,11 +75,19 @@ def test_bad_topology_is_one_line():
   assert code == 2 and "unknown chip 'v9z'" in stderr
 
 
-def test_alternatives_cover_strategies_and_tensor_sizes():
-  alts = dict(aot.alternatives(_toy(), n=16, heads=8))
-  assert "fsdp mesh fsdp=16" in alts
-  assert alts["fsdp_tp mesh fsdp=4xtensor=4"]["mesh.tensor"] == 4
-  assert all(v["mesh.data"] * v["mesh.fsdp"] * v["mesh.tensor"] == 16 for v in alts.values())
+def test_alternatives_cover_strategies_remat_precision_and_accumulation():
+  config = config_util.load_config_file(os.path.join(ROOT, "configs", "var.py:smoke"))
+  config = aot.with_fields(config, {"sharding.strategy": "dp", "data.batch_size": 64})
+  alts = aot.alternatives(config, n=16, heads=8)
+  names = [name for name, _ in alts]
+  assert names[0] == "fsdp mesh fsdp=16"  # the likeliest fix first
+  assert "fsdp + remat=full" in names and "fsdp + remat=full + model.dtype=bfloat16" in names
+  accum = dict(alts)["fsdp + remat=full + bfloat16 + accum_steps=4"]
+  assert accum["optim.accum_steps"] == 4 and accum["remat"] == "full"
+  assert dict(alts)["fsdp_tp mesh fsdp=4xtensor=4"]["mesh.tensor"] == 4
+  for _, fields in alts:
+    assert fields["mesh.data"] * fields["mesh.fsdp"] * fields["mesh.tensor"] == 16
+    aot.with_fields(config, fields)  # every field exists in the config
 
 
 def test_chip_table_has_sources():

@@ -367,37 +367,40 @@ def analyse(compiled, chip: chips.Chip, n: int) -> dict:
 
 
 def alternatives(config, n: int, heads: int) -> list[tuple[str, dict]]:
-  """`(description, {dotted field: value})` to try when the config does not fit, cheapest
-  change first: other strategies and tensor sizes, then remat, then gradient accumulation
-  (each only when the config has the field)."""
-  current = config.sharding.strategy
+  """`(description, {dotted field: value})` to try when the config does not fit, likeliest first:
+  fsdp over every chip; then on fsdp `config.remat` (block, full), bf16 compute
+  (`config.model.dtype`) and gradient accumulation (`config.optim.accum_steps`) where the config
+  has them (arvision/precision.py); then the other strategies and tensor sizes."""
+  current, now = config.sharding.strategy, _resolved_mesh(config, n)
+  fsdp = {"sharding.strategy": "fsdp"} | {
+    f"mesh.{a}": v for a, v in default_mesh("fsdp", n, heads).items()
+  }
   out = []
+  if current != "fsdp":
+    out.append((f"fsdp mesh {_mesh_str(default_mesh('fsdp', n, heads))}", fsdp))
+  base, name = dict(fsdp), "fsdp"
+  if "remat" in config:
+    for mode in ("block", "full"):
+      if mode != str(config.remat):
+        out.append((f"{name} + remat={mode}", base | {"remat": mode}))
+    base, name = base | {"remat": "full"}, f"{name} + remat=full"
+  if "dtype" in config.model and str(config.model.dtype) != "bfloat16":
+    out.append((f"{name} + model.dtype=bfloat16", base | {"model.dtype": "bfloat16"}))
+    base, name = base | {"model.dtype": "bfloat16"}, f"{name} + bfloat16"
+  if "accum_steps" in config.optim:
+    B = int(config.data.batch_size)
+    for k in (2, 4, 8, 16):
+      if B % k == 0 and (B // k) % n == 0:
+        out.append((f"{name} + accum_steps={k}", base | {"optim.accum_steps": k}))
   for strategy in STRATEGY_ORDER:
-    tensors = (0,) if strategy not in ("tp", "fsdp_tp") else (2, 4, 8)
-    for t in tensors:
-      if t and (n % t or heads % t):
+    for t in (0,) if strategy not in ("tp", "fsdp_tp") else (2, 4, 8):
+      if strategy == "fsdp" or (t and (n % t or heads % t)):
         continue
       mesh = default_mesh(strategy, n, heads, t)
-      if strategy == current and mesh == _resolved_mesh(config, n):
+      if strategy == current and mesh == now:
         continue
       fields = {"sharding.strategy": strategy} | {f"mesh.{a}": v for a, v in mesh.items()}
       out.append((f"{strategy} mesh {_mesh_str(mesh)}", fields))
-  best = {"sharding.strategy": "fsdp"} | {
-    f"mesh.{a}": v for a, v in default_mesh("fsdp", n, heads).items()
-  }
-  if "remat" in config:
-    for mode in ("block", "full"):
-      out.append((f"fsdp + remat={mode}", best | {"remat": mode}))
-  if "accum_steps" in config.optim:
-    for k in (2, 4, 8):
-      out.append(
-        (
-          f"fsdp + remat=full + accum_steps={k}",
-          best | {"remat": "full", "optim.accum_steps": k}
-          if "remat" in config
-          else best | {"optim.accum_steps": k},
-        )
-      )
   return out
 
 
@@ -409,6 +412,8 @@ def with_fields(config, fields: dict):
       *parents, leaf = key.split(".")
       for p in parents:
         node = node[p]
+      if leaf not in node:
+        raise errors.UserError(f"the config has no field {key!r}")
       node[leaf] = value
   return new
 
