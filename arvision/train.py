@@ -89,24 +89,55 @@ def check_resumable(saved, config) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+  """Decides, the same way on every process, the step after which the run saves and exits.
 
-  def __init__(self):
-    self.requested = False
+  A preemption notice (SIGTERM) reaches one host, not all of them, and the save is collective:
+  every process must stop after the same step. Multi-process with JAX's preemption service (on
+  by default after `jax.distributed.initialize`), JAX's own SIGTERM handler propagates the notice
+  and Orbax's `CheckpointManager.reached_preemption(step)` returns True on every process at the
+  same agreed step. Without the service but with several processes, each process's SIGTERM
+  flag is all-gathered every step (any process preempted: all stop). A single process keeps its
+  flag to itself. `reached(step)` must be called after every step, on every process.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._requested = False
     self._previous = None
+    self._service = _preemption_service_active()
 
   def __enter__(self):
-    with contextlib.suppress(ValueError):  # not the main thread: no handler
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self._service:  # the service's handler must stay: installing ours would replace it
+      with contextlib.suppress(ValueError):  # not the main thread: no handler
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, *_):
     logging.warning("SIGTERM: saving a checkpoint and exiting")
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._service:
+      return self._manager.reached_preemption(step)
+    if jax.process_count() == 1:
+      return self._requested
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_active() -> bool:
+  """JAX's preemption sync manager runs (jax.distributed initialised with the service on)."""
+  try:  # private state; if it moves, the all-gathered SIGTERM flag is still correct (slower)
+    from jax._src.distributed import global_state
+  except ImportError:
+    return False
+  client = getattr(global_state, "client", None)
+  return client is not None and getattr(global_state, "preemption_sync_manager", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,8 +395,10 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
   # --- Family (and its tokenizer stage) ---------------------------------------------------------
   family, frozen = build_family(config, workdir)
   if jax.process_index() == 0:  # one writer; Orbax writes checkpoints collectively
-    with open(cfg_path, "w") as f:
+    # Atomically: the other processes of a resumed multi-host run read it meanwhile (above).
+    with open(cfg_path + ".tmp", "w") as f:
       f.write(config_util.to_json(config))
+    os.replace(cfg_path + ".tmp", cfg_path)
   writer = MetricsWriter(workdir)
 
   # --- Mesh, data, sharded state and step -------------------------------------------------------
@@ -434,7 +467,7 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
   eval_metrics = {}
   failing = False
   try:
-    with _Preemption() as preempt:
+    with _Preemption(ckpt.manager) as preempt:
       for step in range(start, total):
         batch = parallel.global_batch(next(train_iter), mesh)
         state, metrics = p_step(state, batch)
@@ -455,10 +488,14 @@ def _train(config, workdir: str, stop_after: int | None) -> dict:
           save(done)
         if config.eval_every and done % config.eval_every == 0 and done != total:
           evaluate.run(family, _eval_params(state), config, workdir, step=done, writer=writer)
-        stopping = preempt.requested or (stop_after is not None and done - start >= stop_after)
+        preempted = preempt.reached(done)  # every process, every step (an agreed step)
+        stopping = preempted or (stop_after is not None and done - start >= stop_after)
         if stopping:
-          save(done)
-          logging.info("stopped at step %d (checkpoint saved)", done)
+          if last_saved != done:
+            save(done)
+          logging.info(
+            "%s at step %d (checkpoint saved)", "preempted" if preempted else "stopped", done
+          )
           return {}
       drain()
       if last_saved != total and start < total:

@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from arvision import errors
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -80,7 +82,15 @@ def maybe_initialize_distributed() -> bool:
   )
   if not wanted:
     return False
-  jax.distributed.initialize()
+  # JAX reads the coordinator address from the environment but not the process count and id
+  # (a detected cluster supplies those); take them from the environment when set.
+  counts = {}
+  for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if value := env.get(var, "").strip():
+      if not value.isdigit():
+        raise errors.UserError(f"{var}={value!r} must be a non-negative integer")
+      counts[arg] = int(value)
+  jax.distributed.initialize(**counts)
   return True
 
 
