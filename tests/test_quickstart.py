@@ -178,3 +178,13 @@ def test_shipped_match_ignores_fields_added_later_but_not_changed_ones():
   with old.unlocked():
     old.optim.lr = 1e-3
   assert shipped.differences(old, want) == [f"optim.lr: shipped 0.001 vs wanted {want.optim.lr!r}"]
+
+
+def test_packaged_domain_classifier_fits_todays_config():
+  """The quickstart's eval needs the shipped classifier: fields added to every config later (e.g.
+  model.dtype) must not invalidate its weights (they did once: the eval then refused to run)."""
+  from arvision.evaluation import domain_classifiers as dc
+
+  with np.load(dc.SHIPPED["fmnist"].weights) as f:
+    packaged = str(f["__config_sha__"])
+  assert dc.config_sha(dc.classifier_config("fmnist")) == packaged

@@ -54,12 +54,20 @@ class DomainClassifierMissingError(FileNotFoundError):
   """No trained weights fit a shipped domain classifier's config; the message says how to train."""
 
 
+# Fields added to every config after the packaged weights were trained, at the values that train
+# exactly as before (float32 compute, no gradient accumulation): left out of the sha at these values.
+_ADDED_LATER_AT = {("model", "dtype"): "float32", ("optim", "accum_steps"): 1}
+
+
 def config_sha(config) -> str:
   """Identifies what determines trained weights (not logging, eval or checkpoint settings)."""
   d = json.loads(config_util.to_json(config))
   keep = {k: d.get(k) for k in ("family", "seed", "total_steps", "model", "data", "optim")}
   if isinstance(keep["data"], dict):
     keep["data"] = {k: v for k, v in keep["data"].items() if k not in _DATA_KEYS_NOT_IN_SHA}
+  for (section, field), value in _ADDED_LATER_AT.items():
+    if isinstance(keep.get(section), dict) and keep[section].get(field, value) == value:
+      keep[section] = {k: v for k, v in keep[section].items() if k != field}
   return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
