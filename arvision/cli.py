@@ -15,6 +15,8 @@
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
     arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/vq16
     arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
+    arvision convert flexvar_vae FlexVAE.pth --out runs/flexvae
+    arvision convert flexvar FlexVARd16-epo179.pth --vae runs/flexvae --out runs/flexvar_d16
     arvision convert mar_vae kl16.ckpt --out runs/kl16
     arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
     arvision compile --config configs/var.py:d30 --topology v5p:4x4x8 --config.sharding.strategy=fsdp
@@ -108,7 +110,9 @@ _VIEWS = flags.DEFINE_enum(
   "tokenize: augmented views per image (see arvision/pretokenize.py)",
 )
 _VAE = flags.DEFINE_string(
-  "vae", None, "convert var|llamagen|mar: the converted tokenizer dir or the official checkpoint"
+  "vae",
+  None,
+  "convert var|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
 )
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "compile: a TPU slice, <chip>:<shape>, e.g. v5p:4x4x8, v6e:16x16, v5e:16x16"
@@ -247,6 +251,7 @@ def _convert(argv):
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },
     "llamagen": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
+    "flexvar": lambda: {"vae": _require(_VAE, "vae")},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
   }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)

@@ -11,6 +11,7 @@ FAMILIES = {
   "tokenizer": "arvision.tokenizers.family",
   "classifier": "arvision.models.classifier",
   "var": "arvision.models.var",
+  "flexvar": "arvision.models.flexvar",
   "mar": "arvision.models.mar",
   "raster": "arvision.models.raster",
 }

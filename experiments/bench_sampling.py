@@ -6,6 +6,8 @@ Raster (`--config configs/raster.py:...`): tokens/s and images/s of the static-K
   bound by reading the weights and the KV cache once per token).
 MAR (`--config configs/mar.py:...`): images/s against `--num_iter` and `--diffusion_steps`, with
   DiSA (diffusion-step annealing) off and on.
+FlexVAR (`--config configs/flexvar.py:...`): images/s and peak memory against VAR of the same size
+  and batch (`configs/var.py:<same variant>`), and with a shorter scale list, in one run.
 
     python experiments/bench_sampling.py --config configs/var.py:fmnist --batch 1,8 --cfg 0,1.5 \
         --out experiments/results/bench_sampling_cpu.json
@@ -16,6 +18,7 @@ MAR (`--config configs/mar.py:...`): images/s against `--num_iter` and `--diffus
     python experiments/bench_sampling.py --preset gpu_raster    # LlamaGen-L, 256px, bf16, batch 1/64
     python experiments/bench_sampling.py --config configs/mar.py:fmnist --batch 64 \
         --num_iter 8,16 --diffusion_steps 25,50
+    python experiments/bench_sampling.py --config configs/flexvar.py:fmnist --batch 64 --cfg 3.0
 
 Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
 config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
@@ -625,12 +628,64 @@ def bench_mar(args, config, fam, params) -> list[dict]:
   return rows
 
 
+def bench_flexvar(args, config, fam, params) -> list[dict]:
+  """FlexVAR vs VAR at the same depth, width, heads and batch (`configs/var.py:<same variant>`),
+  side by side: images/s, and peak memory (XLA's temp + argument + output bytes of the compiled
+  sampler; the device's peak bytes in use where it reports one) for FlexVAR's default list, a
+  shorter one and VAR's own schedule."""
+  var_config, var_fam, var_params = build(f"configs/var.py:{config.variant}", args.seed)
+  if (var_fam.module.depth, var_fam.module.width) != (fam.module.depth, fam.module.width):
+    raise SystemExit(f"configs/var.py:{config.variant} is not FlexVAR's size")
+  pns = fam.patch_nums
+  short = pns[:2] + pns[-2:] if len(pns) > 4 else pns
+  cases = [("var", var_fam, var_params, {}, var_fam.patch_nums)]
+  cases += [("flexvar", fam, params, {"patch_nums": p}, p) for p in dict.fromkeys((pns, short))]
+  rows = []
+  for batch in args.batch:
+    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    for cfg in args.cfg:
+      for name, f, p, extra, steps in cases:
+        sk = config.get("sample", {})
+        top_k = args.top_k if args.top_k is not None else int(sk.get("top_k", 0))
+        top_p = args.top_p if args.top_p is not None else float(sk.get("top_p", 0.0))
+        kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, **extra)
+        fn = jax.jit(lambda p, lab, r, f=f, kw=kw: f.sample(p, lab, r, **kw))
+        mem = fn.lower(p, labels, jax.random.key(0)).compile().memory_analysis()
+        res = time_calls(
+          lambda fn=fn, p=p, lab=labels: fn(p, lab, jax.random.key(0)),
+          args.runs,
+          jax.block_until_ready,
+        )
+        stats = jax.devices()[0].memory_stats() or {}
+        row = dict(
+          impl=name,
+          batch=batch,
+          cfg=cfg,
+          patch_nums=list(steps),
+          **res,
+          images_per_s=batch / res["median_s"],
+          xla_bytes=int(
+            mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+          )
+          if mem
+          else None,
+          peak_bytes_in_use=stats.get("peak_bytes_in_use"),
+        )
+        rows.append(row)
+        print(
+          f"{name:>8} b={batch:<4} cfg={cfg:<4} steps={len(steps):<3} "
+          f"{row['images_per_s']:10.3f} img/s  xla bytes {row['xla_bytes']}",
+          flush=True,
+        )
+  return rows
+
+
 def run_family(args) -> dict:
   """The raster / MAR benchmark (same JSON layout as `run`)."""
   config, fam, params = build_family(args.config, args.seed)
   jdev = jax.devices()[0]
   versions = dict(jax=jax.__version__, python=platform.python_version())
-  bench = {"raster": bench_raster, "mar": bench_mar}.get(config.family)
+  bench = {"raster": bench_raster, "mar": bench_mar, "flexvar": bench_flexvar}.get(config.family)
   if bench is None:
     raise SystemExit(f"--config {args.config}: no benchmark for family {config.family!r}")
   rows = bench(args, config, fam, params)
@@ -654,6 +709,10 @@ def run_family(args) -> dict:
 
 
 def _fmt_family_row(r) -> str:
+  if "patch_nums" in r:
+    return (
+      f"{r['impl']:>8} b={r['batch']:<4} steps={len(r['patch_nums'])} {r['images_per_s']:.3f} img/s"
+    )
   if "tokens_per_s" in r:
     bw = r["bandwidth_fraction"]
     extra = f"  {r['achieved_bandwidth'] / 1e9:.1f} GB/s" + (f" ({bw:.0%} of peak)" if bw else "")

@@ -7,4 +7,6 @@ CONVERTERS = {
   "mar": "arvision.convert.mar:main_mar",
   "llamagen_vq": "arvision.convert.llamagen:main_llamagen_vq",
   "llamagen": "arvision.convert.llamagen:main_llamagen",
+  "flexvar_vae": "arvision.convert.flexvar:main_flexvar_vae",
+  "flexvar": "arvision.convert.flexvar:main_flexvar",
 }

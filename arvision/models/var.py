@@ -124,13 +124,7 @@ class VAR(nn.Module):
     self.class_emb = nn.Embed(
       self.num_classes + 1, C, embedding_init=param_init(tn, ("classes", "embed")), dtype=dtype
     )
-    # pos_* are initialised in the official constructor with the automatic std, never re-inited.
-    pos_init = param_init(trunc_normal_init(auto_std), (None, "seq", "embed"))
-    self.pos_start = self.param("pos_start", pos_init, (1, first_l, C))
-    self.pos_1LC = self.param("pos_1LC", pos_init, (1, self.seq_len, C))
-    self.lvl_embed = nn.Embed(
-      len(self.patch_nums), C, embedding_init=param_init(tn, (None, "embed")), dtype=dtype
-    )
+    self._setup_positions(first_l, auto_std, tn, dtype)
     if self.shared_aln:
       self.shared_ada_lin = nn.Dense(
         6 * C,
@@ -165,6 +159,19 @@ class VAR(nn.Module):
       self.vocab_size,
       kernel_init=param_init(scaled_init(tn, self.init_head), ("embed", "vocab")),
       bias_init=param_init(zeros, ("vocab",)),
+    )
+
+  def _setup_positions(self, first_l: int, auto_std: float, tn, dtype):
+    """VAR's per-scale tables: `pos_start [1, first_l, C]`, `pos_1LC [1, L, C]`, `lvl_embed
+    [num_scales, C]` (a successor with other position params overrides this and `_lvl_pos`);
+    `dtype` is the compute dtype."""
+    C = self.width
+    # pos_* are initialised in the official constructor with the automatic std, never re-inited.
+    pos_init = param_init(trunc_normal_init(auto_std), (None, "seq", "embed"))
+    self.pos_start = self.param("pos_start", pos_init, (1, first_l, C))
+    self.pos_1LC = self.param("pos_1LC", pos_init, (1, self.seq_len, C))
+    self.lvl_embed = nn.Embed(
+      len(self.patch_nums), C, embedding_init=param_init(tn, (None, "embed")), dtype=dtype
     )
 
   # --- pieces shared by training and cached decoding -------------------------------------------
@@ -307,7 +314,7 @@ class VARFamily(Generator):
     dpr = float(m.get("drop_path_rate", -1.0))
     if dpr < 0:
       dpr = 0.1 * depth / 24
-    self.patch_nums = tuple(int(p) for p in tm.patch_nums)
+    self.patch_nums = self.training_patch_nums(config, tokenizer)
     scales = str(m.get("scales", "residual"))
     self.sample_patch_nums = next_scale.check_sample_schedule(
       self.patch_nums, m.get("sample_patch_nums", ()), self.per_scale_tables, scales
@@ -328,7 +335,7 @@ class VARFamily(Generator):
     heads_lib.head_class(head)  # fails now on an unknown head
     # A continuous head models each token's code vector (FlowAR-style) instead of its index.
     self.continuous = head != "categorical"
-    self.module = VAR(
+    self.module = self.module_class(
       depth=depth,
       width=width,
       num_heads=heads,
@@ -353,10 +360,24 @@ class VARFamily(Generator):
       head_width=int(m.get("head_width", 0)),
       head_depth=int(m.get("head_depth", 2)),
       head_steps=int(m.get("head_steps", 25)),
+      **self.module_extra(config, tokenizer),
     )
     next_scale.train_mask(self.module.mask, self.module.lengths)  # fails now on an unknown mask
     self.lengths = self.module.lengths
     self.seq_len = self.module.seq_len
+
+  # Hooks for a successor with another linen module (a `VAR` subclass) or scale schedule.
+  module_class = VAR
+
+  def training_patch_nums(self, config, tokenizer) -> tuple[int, ...]:
+    """The training scale schedule: VAR's is its multi-scale tokenizer's."""
+    del config
+    return tuple(int(p) for p in tokenizer.config.model.patch_nums)
+
+  def module_extra(self, config, tokenizer) -> dict:
+    """Extra attributes of `module_class` (none for VAR)."""
+    del config, tokenizer
+    return {}
 
   def init_rngs(self, rng: jax.Array) -> dict:
     return {"params": rng, "diffusion": rng} if self.continuous else {"params": rng}

@@ -109,6 +109,8 @@ def unsupported_reason(impl: str, q, k, v, *, mask, q_offset=0) -> str | None:
   if impl in ("pallas", "splash"):
     if isinstance(mask, masks_lib.KeyLength):
       return f"{impl} has no per-example key lengths (key_length); its tile tables are one per call"
+    if isinstance(mask, masks_lib.SegmentCausal):
+      return f"{impl} needs static segment boundaries; segment_causal holds them as data"
     return _kernel_unsupported_reason(impl, q, q_offset)
   if impl != "cudnn":
     raise ValueError(f"attention: impl must be one of {IMPLS[1:]}, got {impl!r}")

@@ -314,6 +314,44 @@ class KeyLength(MaskSpec):
     return float(jnp.sum(counts)) / float(counts.size * kv_len)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SegmentCausal(MaskSpec):
+  """`scale_causal` over per-position segment ids held as data: query `i` sees key `j` when
+  `segment_ids[i] >= segment_ids[j]`.
+
+  For a scale schedule that changes every step under one compiled program (FlexVAR trains on a
+  random scale list per step, padded to a fixed length): `segment_ids` is an int `[L]` array
+  (traced under jit), non-decreasing, padding given a larger id than every real segment so real
+  queries never see it. Like `key_length` it carries data, so it is hashable by identity and only
+  the dense `xla` path runs it (its boundaries are unknown when kernel tile tables are built).
+  """
+
+  segment_ids: Any
+  kind = "segment_causal"
+
+  def __post_init__(self):
+    ids = self.segment_ids
+    if not hasattr(ids, "ndim") or ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"segment_causal: segment_ids must be an int array [L], got {ids!r}")
+
+  def segment_id(self, idx):
+    return jnp.take(self.segment_ids, jnp.asarray(idx), mode="clip")
+
+  def allowed(self, q_idx, k_idx):
+    return self.segment_id(q_idx) >= self.segment_id(k_idx)
+
+  def kv_range(self, q_idx, kv_len):
+    # Non-decreasing ids: the visible keys are the prefix up to the end of the query's segment.
+    end = jnp.searchsorted(self.segment_ids, self.segment_id(q_idx), side="right")
+    return jnp.zeros_like(end), jnp.minimum(end, kv_len)
+
+  def dense(self, q_len: int, kv_len: int | None = None, q_offset=0):
+    """Boolean jnp `[q_len, kv_len]`."""
+    kv_len = q_offset + q_len if kv_len is None else _positive_int(kv_len, "kv_len")
+    q = jnp.arange(_positive_int(q_len, "q_len"), dtype=jnp.int32)[:, None] + q_offset
+    return self.allowed(q, jnp.arange(kv_len, dtype=jnp.int32)[None, :])
+
+
 def full() -> Full:
   """Every query sees every key."""
   return Full()
@@ -342,3 +380,9 @@ def chunk_causal(chunk: int) -> ChunkCausal:
 def key_length(kv_len, base: MaskSpec | None = None) -> KeyLength:
   """`base` (default `full()`) with each example's keys past `kv_len[b]` hidden (key padding)."""
   return KeyLength(jnp.asarray(kv_len), Full() if base is None else base)
+
+
+def segment_causal(segment_ids) -> SegmentCausal:
+  """`scale_causal` whose segment of each position is data (an int `[L]` array): FlexVAR's
+  per-step random scale lists under one compiled training step."""
+  return SegmentCausal(jnp.asarray(segment_ids))

@@ -20,7 +20,9 @@ Generator-facing API (all take the tokenizer's params, all jit-able):
   `decode_fhat`; `decode_idx`; `codebook`; attributes `patch_nums`, `vocab_size`, `embed_dim`.
   FlexVAR-style independent scales (`model.scales="independent"` of the var family):
   `encode_idx_independent`, `independent_input`.
-- vq (LlamaGen): `encode_idx` -> int32 [B, h*w]; `decode_idx`; `codebook`.
+- vq (LlamaGen; FlexVAR's FlexVAE is one with an l2-normalised 32-d codebook): `encode_idx` ->
+  int32 [B, h*w]; `decode_idx`; `codebook`; `encode_idx_independent(patch_nums=)`,
+  `independent_input` (FlexVAR's per-scale codes and next-scale inputs).
 - kl (MAR): `encode_latent(params, images, rng=None)` -> z * scale_factor [B, h, w, embed_dim]
   (posterior sample with `rng`, mode without); `decode_latent(params, z)`.
 """
@@ -266,24 +268,37 @@ class TokenizerFamily(Family):
     self._need("msvq", what="next_input")
     return self._quantize(params, "next_input", si, f_hat, h_BxpnxpnxC)
 
-  def encode_idx_independent(self, params, images: jax.Array) -> list[jax.Array]:
-    """msvq, FlexVAR-style: each scale's own codes of the area-downsampled latent (no residual),
-    a list of int32 [B, pn*pn]; the last scale quantizes the full-size latent."""
-    self._need("msvq", what="encode_idx_independent")
+  def encode_idx_independent(self, params, images: jax.Array, patch_nums=None) -> list[jax.Array]:
+    """FlexVAR-style: each scale's own codes of the area-downsampled latent (no residual), a
+    list of int32 [B, pn*pn] over `patch_nums` (default: the msvq schedule). msvq looks up its
+    codebook as is; vq (FlexVAE, LlamaGen-style) its own rule (l2-normalised with `l2_norm`), as
+    the official `vae.quantize(area(h, pn))` per scale."""
+    self._need("msvq", "vq", what="encode_idx_independent")
+    patch_nums = tuple(patch_nums or self.patch_nums)
+    if not patch_nums:
+      raise ValueError("encode_idx_independent: a vq tokenizer needs patch_nums (no schedule)")
     f = self.encode_f(params, images).astype(jnp.float32)
-    cb = self.codebook(params)
     out = []
-    for pn in self.patch_nums:
-      z = f if pn == f.shape[1] else area(f, (pn, pn))
-      idx = Q.nearest_code(z.reshape(-1, z.shape[-1]), cb).reshape(f.shape[0], pn * pn)
-      out.append(idx.astype(jnp.int32))
+    for pn in patch_nums:
+      z = area(f, (pn, pn))  # the identity at the latent's own size
+      if self.type == "vq":
+        idx = self.quantize_idx(params, z)
+      else:
+        idx = Q.nearest_code(z.reshape(-1, z.shape[-1]), self.codebook(params))
+      out.append(idx.reshape(f.shape[0], pn * pn).astype(jnp.int32))
     return out
 
+  def quantize_idx(self, params, z_BxhxwxC: jax.Array) -> jax.Array:
+    """vq: codes int32 [B, h*w] of features by the quantizer's own lookup (l2-normalised z and
+    codebook with `l2_norm`), for latents of any size (FlexVAR's downsampled scales)."""
+    self._need("vq", what="quantize_idx")
+    return self._quantize(params, "f_to_idx", z_BxhxwxC.astype(jnp.float32))
+
   def independent_input(self, params, h_BxpnxpnxC: jax.Array, pn_next: int) -> jax.Array:
-    """msvq, FlexVAR-style: the next scale's input, this scale's code map upsampled (bicubic,
-    as VAR upsamples) to `[B, pn_next, pn_next, C]`."""
+    """FlexVAR-style: the next scale's input, this scale's code map upsampled (bicubic, as the
+    official `F.interpolate(quant, mode='bicubic')`) to `[B, pn_next, pn_next, C]`."""
     del params  # a fixed resampling; tokenizers with a learned one would use their params
-    self._need("msvq", what="independent_input")
+    self._need("msvq", "vq", what="independent_input")
     return bicubic(h_BxpnxpnxC.astype(jnp.float32), (pn_next, pn_next))
 
   def codebook(self, params) -> jax.Array:
