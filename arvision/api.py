@@ -115,10 +115,12 @@ def load(path: str, use_ema: bool = True, tokenizer: str | None = None) -> Model
   (`arvision.hub`); `tokenizer` names the tokenizer of an `hf://` generator (a zoo name, an
   `hf://` file or a converted dir; default: the family's official one). For a workdir, a damaged
   newest step is moved aside and the newest step that restores is used (with a warning; see
-  `arvision.checkpoint`).
+  `arvision.checkpoint`). Turns on the persistent compilation cache (`arvision.compile_cache`;
+  `ARVISION_COMPILE_CACHE=0` keeps it off).
   """
-  from arvision import export, hub  # noqa: PLC0415
+  from arvision import compile_cache, export, hub  # noqa: PLC0415
 
+  compile_cache.enable()  # a notebook restart loads the sampler instead of compiling it again
   path = hub.resolve(path, tokenizer=tokenizer)
   if export.is_safetensors_export(path):
     return from_params(*export.read_safetensors(path))

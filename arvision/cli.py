@@ -128,6 +128,12 @@ _ALTERNATIVES = flags.DEFINE_integer(
 _VERBOSE = flags.DEFINE_bool(
   "verbose", False, "show the traceback of user errors too (also: ARVISION_DEBUG=1)"
 )
+_NO_COMPILE_CACHE = flags.DEFINE_bool(
+  "no_compile_cache",
+  False,
+  "train/eval/sample/tokenize/demo: do not use the persistent compilation cache (default: on, "
+  "under $ARVISION_CACHE/jax; also ARVISION_COMPILE_CACHE=0)",
+)
 
 
 def _parse_kw(text: str) -> dict:
@@ -385,6 +391,12 @@ def main(argv):
     # before anything touches the devices.
     if maybe_initialize_distributed():
       logging.info("jax.distributed initialised")
+  if _COMMAND in ("train", "eval", "sample", "tokenize", "demo"):
+    from arvision import compile_cache
+
+    if _NO_COMPILE_CACHE.value:  # also for `arvision.load` and anything this process starts
+      os.environ[compile_cache.ENV] = "0"
+    compile_cache.enable()  # a rerun loads what this one compiles
   try:
     if _COMMAND == "convert":
       return _convert(argv)

@@ -42,6 +42,7 @@ Row fields:
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -94,12 +95,25 @@ def mesh_for(strategy: str, n: int, heads: int, batch: int) -> tuple[dict | None
 # Model
 
 
-def build(spec: str, batch: int | None, seed: int = 0):
-  """`(config, family, frozen)` for a config spec, random tokenizer weights (no training)."""
+def build(spec: str, batch: int | None, seed: int = 0, fields: str = ""):
+  """`(config, family, frozen)` for a config spec, random tokenizer weights (no training).
+
+  `fields`: comma-separated `dotted.field=value` overrides (`--set model.dtype=bfloat16`)."""
   config = config_util.load_config_file(spec)
   with config.unlocked():
     if batch:
       config.data.batch_size = batch
+  for item in filter(None, fields.split(",")):
+    key, _, text = item.partition("=")
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare word: a string
+    node[leaf] = value  # the config is locked: an unknown field raises
   tok = families.build(config.tokenizer.config) if families.needs_tokenizer(config) else None
   fam = families.build(config, tokenizer=tok)
   frozen = {}
@@ -400,6 +414,7 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
   ap.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
   ap.add_argument("--strategies", default=",".join(STRATEGIES))
+  ap.add_argument("--set", default="", help="config fields, e.g. model.dtype=bfloat16,remat=block")
   args = ap.parse_args(argv)
   if args.topology:
     result = run_topologies(args)
@@ -411,7 +426,7 @@ def main(argv=None):
       replace_block(args.docs, "bench_sharding_tpu", text)
     return result
 
-  config, fam, frozen = build(args.config, args.batch)
+  config, fam, frozen = build(args.config, args.batch, fields=args.set)
   model = cost.model_from_family(args.config, config, fam)
   B = int(config.data.batch_size)
   it = data.make_train_iter(config.data, seed=config.seed)
@@ -444,7 +459,8 @@ def main(argv=None):
       flax=flax.__version__, optax=optax.__version__, python=platform.python_version(),
     ),
     config=dict(
-      spec=args.config, batch=B, steps=args.steps, warmup=args.warmup,
+      spec=args.config, set=args.set, dtype=config.model.get("dtype", "float32"), batch=B,
+      steps=args.steps, warmup=args.warmup,
       params=model.num_params, depth=model.depth, width=model.width, heads=model.heads,
       seq_len=model.seq_len,
     ),
