@@ -1,6 +1,7 @@
 """Mask specs and the attention dispatch: the xla reference against a per-query numpy loop."""
 
 import dataclasses
+import importlib
 import itertools
 
 import jax
@@ -459,3 +460,25 @@ def test_key_length_dispatch_and_errors():
   with pytest.raises(ValueError, match="base"):
     masks.key_length(jnp.asarray([1]), spec)
   assert spec == spec and spec != masks.key_length(spec.kv_len) and hash(spec) == hash(spec)
+
+
+def test_masked_softmax_gradient_is_autodiff_of_its_forward():
+  # The hand-written softmax VJP (one reduction over keys) against autodiff through the forward
+  # formula, on the VAR training mask plus a row that sees no key.
+  attn = importlib.import_module("arvision.ops.attention")  # the module (the package exports fn)
+  allowed = np.array(masks.scale_causal((1, 4, 9)).dense(14, 14, 0))
+  allowed[3] = False
+  logits = 4.0 * jax.random.normal(jax.random.key(3), (2, 3, 14, 14))
+  weights = jax.random.normal(jax.random.key(4), (2, 3, 14, 14))
+
+  def loss(fn):
+    return lambda x: jnp.sum(jnp.tanh(fn(x, allowed)) * weights)
+
+  np.testing.assert_array_equal(
+    attn._masked_softmax(logits, allowed), attn._masked_softmax_value(logits, allowed)
+  )
+  g_ours = jax.jit(jax.grad(loss(attn._masked_softmax)))(logits)
+  g_ref = jax.jit(jax.grad(loss(attn._masked_softmax_value)))(logits)
+  np.testing.assert_allclose(g_ours, g_ref, atol=2e-6)
+  np.testing.assert_array_equal(g_ours[..., 3, :], 0.0)
+  np.testing.assert_array_equal(np.where(allowed, 0.0, g_ours), 0.0)
