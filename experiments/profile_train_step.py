@@ -175,7 +175,7 @@ def _summary(ops_ms: dict, kind_of, wall_s: float, sources=None) -> dict:
   by_kind = collections.Counter()
   for n, ms in ops_ms.items():
     by_kind[kind_of(n)] += ms
-  top = sorted(ops_ms.items(), key=lambda kv: -kv[1])[:20]
+  top = sorted(ops_ms.items(), key=lambda kv: -kv[1])[:40]
   return dict(
     step_ms_while_profiled=round(wall_s * 1e3, 1),
     op_ms_total=round(sum(ops_ms.values()), 1),
