@@ -35,6 +35,17 @@ decode included):
   VQVAE with our vocabulary/latent width/channels but its fixed 16x decoder (a bigger image), so
   the ratio there includes a decoder that does more work than ours.
 
+Raster and MAR with `--reference` (the LlamaGen or mar checkout): the official token sampler
+with the config's sizes and random weights -- LlamaGen `generate` (its gpt-fast KV cache; `n_kv_head`
+is left at n_head, its cache has no GQA) and MAR `sample_tokens` (same num_iter, diffusion steps,
+cfg, temperature; DiSA off) -- timed in the same run. Its decoder is not timed, so the row's
+`ours_over_official_without_decode` divides the official time by ours minus our decoder's median.
+
+    python experiments/bench_sampling.py --config configs/raster.py:fmnist --batch 8 \
+        --reference /path/to/FoundationVision/LlamaGen --append --out ...
+    python experiments/bench_sampling.py --config configs/mar.py:fmnist --batch 8 --disa 0 \
+        --reference /path/to/LTH14/mar --append --out ...     # timm on PYTHONPATH
+
 CFG: both the official sampler and ours ALWAYS run the doubled batch (conditional + null class),
 also at cfg=0, so cfg on/off costs the same; the rows show it.
 
@@ -367,7 +378,11 @@ def parse_args(argv=None):
   ap.add_argument("--top_k", type=int, help="default: the config's sample.top_k")
   ap.add_argument("--top_p", type=float, help="default: the config's sample.top_p")
   ap.add_argument("--impls", default="kv_cache,recompute", help="subset of kv_cache,recompute")
-  ap.add_argument("--reference", default="", help="FoundationVision/VAR checkout: time it too")
+  ap.add_argument(
+    "--reference",
+    default="",
+    help="the official checkout of the config's family (VAR, LlamaGen or mar): time it too",
+  )
   ap.add_argument("--num_iter", default="", help="MAR: comma-separated AR steps (default config)")
   ap.add_argument(
     "--diffusion_steps", default="", help="MAR: comma-separated diffusion steps (default config)"
@@ -589,7 +604,163 @@ def bench_raster(args, config, fam, params) -> list[dict]:
       )
       rows.append(row)
       print(_fmt_family_row(row), flush=True)
+      if args.reference:
+        off = official_raster_row(args, fam, batch, cfg, sample_kw)
+        # Token sampling only on both sides: ours minus our decoder, the official `generate`.
+        row["ours_over_official_without_decode"] = off["median_s"] / loop_s
+        rows.append(off)
+        print(_fmt_official(off, row), flush=True)
   return rows
+
+
+def _official_sync(device):
+  import torch
+
+  return (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
+
+
+_OFFICIAL_MODELS = {}
+
+
+def official_raster_row(args, fam, batch, cfg, sample_kw) -> dict:
+  """FoundationVision/LlamaGen `generate` (gpt-fast KV cache) with our config's sizes: tokens only
+  (its VQ decoder is not timed; compare with ours minus our decoder)."""
+  import torch
+
+  sys.path.insert(0, os.path.abspath(args.reference))
+  from autoregressive.models import generate as gen  # noqa: PLC0415
+  from autoregressive.models import gpt  # noqa: PLC0415
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if "raster" not in _OFFICIAL_MODELS:
+    m = fam.module
+    torch.manual_seed(0)
+    model = gpt.Transformer(
+      gpt.ModelArgs(
+        dim=m.dim,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_kv_head=None,  # the official KV cache allocates n_head heads
+        multiple_of=int(fam.config.model.multiple_of),
+        ffn_dim_multiplier=float(fam.config.model.ffn_dim_multiplier) or None,
+        norm_eps=float(fam.config.model.norm_eps),
+        num_classes=fam.num_classes,
+        vocab_size=m.vocab_size,
+        block_size=fam.num_tokens,
+      )
+    )
+    with torch.no_grad():
+      model.output.weight.normal_(0, 0.02)  # zero-initialised head: give it weights
+    _OFFICIAL_MODELS["raster"] = model.to(device).eval()
+  model = _OFFICIAL_MODELS["raster"]
+  labels = torch.arange(batch, device=device) % fam.num_classes
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+  def call():
+    with torch.inference_mode(), autocast:
+      return gen.generate(
+        model,
+        labels,
+        fam.num_tokens,
+        cfg_scale=cfg,
+        cfg_interval=float(sample_kw.get("cfg_interval", -1)),
+        temperature=float(sample_kw.get("temperature", 1.0)),
+        top_k=int(sample_kw.get("top_k", 0)),
+        top_p=float(sample_kw.get("top_p", 1.0)),
+        sample_logits=True,
+      )
+
+  res = time_calls(call, args.runs, _official_sync(device))
+  return dict(
+    impl="official",
+    batch=batch,
+    cfg=cfg,
+    dtype=args.dtype,
+    official_torch_device=device,
+    what="LlamaGen generate, tokens only (no VQ decode)",
+    **res,
+    tokens_per_s=batch * fam.num_tokens / res["median_s"],
+  )
+
+
+def official_mar_row(args, fam, batch, cfg, num_iter, steps, sample_kw) -> dict:
+  """LTH14/mar `MAR.sample_tokens` with our config's sizes and `steps` diffusion steps: tokens
+  only (its VAE decoder is not timed; compare with ours minus our decoder)."""
+  import functools
+
+  import torch
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import parity_mar_official  # noqa: PLC0415  (its torchvision stub for timm)
+
+  parity_mar_official._official_imports(args.reference)
+  from models import mar  # noqa: PLC0415
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cpu":  # the official sampler moves its masks and noise with `.cuda()`
+    torch.Tensor.cuda = lambda self, *a, **k: self
+  key = ("mar", steps)
+  if key not in _OFFICIAL_MODELS:
+    m, side = fam.config.model, fam.seq_side * fam.patch_size
+    image_size = int(fam.config.data.image_size)
+    torch.manual_seed(0)
+    model = mar.MAR(
+      img_size=image_size,
+      vae_stride=image_size // side,
+      patch_size=fam.patch_size,
+      encoder_embed_dim=int(m.encoder_embed_dim),
+      encoder_depth=int(m.encoder_depth),
+      encoder_num_heads=int(m.encoder_num_heads),
+      decoder_embed_dim=int(m.decoder_embed_dim),
+      decoder_depth=int(m.decoder_depth),
+      decoder_num_heads=int(m.decoder_num_heads),
+      mlp_ratio=float(m.get("mlp_ratio", 4.0)),
+      norm_layer=functools.partial(torch.nn.LayerNorm, eps=float(m.get("norm_eps", 1e-6))),
+      vae_embed_dim=fam.latent_channels,
+      class_num=fam.num_classes,
+      buffer_size=fam.buffer_size,
+      diffloss_d=int(m.diffloss_d),
+      diffloss_w=int(m.diffloss_w),
+      num_sampling_steps=str(steps),
+    )
+    _OFFICIAL_MODELS[key] = model.to(device).eval()
+  model = _OFFICIAL_MODELS[key]
+  labels = torch.arange(batch, device=device) % fam.num_classes
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+  def call():
+    with torch.inference_mode(), autocast:
+      return model.sample_tokens(
+        batch,
+        num_iter=num_iter,
+        cfg=cfg,
+        cfg_schedule=str(sample_kw.get("cfg_schedule", "linear")),
+        labels=labels,
+        temperature=float(sample_kw.get("temperature", 1.0)),
+      )
+
+  res = time_calls(call, args.runs, _official_sync(device))
+  return dict(
+    impl="official",
+    batch=batch,
+    cfg=cfg,
+    num_iter=num_iter,
+    diffusion_steps=steps,
+    disa=False,
+    dtype=args.dtype,
+    official_torch_device=device,
+    what="MAR sample_tokens, tokens only (no VAE decode)",
+    **res,
+    images_per_s=batch / res["median_s"],
+  )
+
+
+def _fmt_official(off, ours) -> str:
+  return (
+    f"{'official':>9} b={off['batch']:<4} cfg={off['cfg']:<4} median {off['median_s']:.4f}s "
+    f"(tokens only)  ours/official without decode "
+    f"{ours['ours_over_official_without_decode']:.2f}x"
+  )
 
 
 def bench_mar(args, config, fam, params) -> list[dict]:
@@ -599,8 +770,16 @@ def bench_mar(args, config, fam, params) -> list[dict]:
   p = cast_params(params, dtype)
   sample_kw = dict(config.get("sample", {}))
   rows = []
+  dec = jax.jit(fam.tokenizer.decode_latent)
   for batch in args.batch:
     labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    decode_s = None
+    if args.reference:
+      side = fam.seq_side * fam.patch_size
+      z = jnp.zeros((batch, side, side, fam.latent_channels), jnp.float32)
+      decode_s = time_calls(
+        lambda z=z: dec(params["tokenizer"], z), args.runs, jax.block_until_ready
+      )
     for cfg in args.cfg:
       for num_iter in args.num_iter or [int(sample_kw.get("num_iter", 64))]:
         for steps in args.diffusion_steps or [int(fam.module.num_sampling_steps)]:
@@ -625,6 +804,13 @@ def bench_mar(args, config, fam, params) -> list[dict]:
             )
             rows.append(row)
             print(_fmt_family_row(row), flush=True)
+            if args.reference and not disa:
+              off = official_mar_row(args, fam, batch, cfg, num_iter, steps, sample_kw)
+              row["decode_s"] = decode_s["median_s"]
+              loop_s = max(row["median_s"] - decode_s["median_s"], 1e-9)
+              row["ours_over_official_without_decode"] = off["median_s"] / loop_s
+              rows.append(off)
+              print(_fmt_official(off, row), flush=True)
   return rows
 
 
@@ -709,6 +895,8 @@ def run_family(args) -> dict:
 
 
 def _fmt_family_row(r) -> str:
+  if r["impl"] == "official":
+    return f"{'official':>9} b={r['batch']:<4} cfg={r['cfg']:<4} median {r['median_s']:.4f}s"
   if "patch_nums" in r:
     return (
       f"{r['impl']:>8} b={r['batch']:<4} steps={len(r['patch_nums'])} {r['images_per_s']:.3f} img/s"

@@ -120,6 +120,14 @@ def ours_step(config, fam, frozen, batch):
 # Official side (imported from the checkouts)
 
 
+def _fresh_models_package(reference: str):
+  """VAR and mar both name their package `models`: drop one already imported from another
+  checkout (its objects stay alive) and put this checkout first on the path."""
+  for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+    del sys.modules[name]
+  sys.path.insert(0, os.path.abspath(reference))
+
+
 def _hub_stub():
   hub = types.ModuleType("huggingface_hub")  # VAR imports only the Hub mixin (downloads)
   hub.PyTorchModelHubMixin = type(
@@ -131,7 +139,7 @@ def _hub_stub():
 def official_var_step(reference: str, config, fam, batch):
   import torch
 
-  sys.path.insert(0, os.path.abspath(reference))
+  _fresh_models_package(reference)
   _hub_stub()
   from models import VAR as OfficialVAR  # noqa: PLC0415
   from models import VQVAE  # noqa: PLC0415
@@ -270,6 +278,7 @@ def official_mar_step(reference: str, config, fam, batch):
   import parity_mar_official  # noqa: PLC0415  (its torchvision stub for timm)
 
   parity_mar_official._official_imports(reference)
+  _fresh_models_package(reference)
   from models import mar  # noqa: PLC0415
 
   if not torch.cuda.is_available():  # the official code moves its masks/noise with `.cuda()`

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from arvision import precision
-from arvision.models.common import param_count  # noqa: F401
+from arvision.models.common import param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
@@ -525,7 +525,7 @@ class RasterFamily(Generator):
     label = jnp.asarray(batch["label"]).astype(jnp.int32)
     logits = self.apply(params, label, seq, rng=rng, train=train, order=order)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, seq)
-    acc = jnp.mean((jnp.argmax(logits, axis=-1) == seq).astype(jnp.float32))
+    acc = jnp.mean(top1_correct(logits, seq))
     loss = jnp.mean(ce)
     return loss, {"loss": loss, "acc": acc}
 

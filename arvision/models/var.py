@@ -25,7 +25,7 @@ import optax
 from arvision import precision
 from arvision.models import heads as heads_lib
 from arvision.models import next_scale
-from arvision.models.common import param_count  # noqa: F401
+from arvision.models.common import param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import (
   AdaLNBeforeHead,
@@ -430,7 +430,7 @@ class VARFamily(Generator):
     else:
       per_scale = next_scale.scale_mean(obj_BxL, bounds)
       loss = jnp.mean(per_scale @ jnp.asarray(self.scale_weights, jnp.float32))
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == gt_BxL).astype(jnp.float32)
+    correct_BxL = top1_correct(logits_BxLxV, gt_BxL)
     metrics = {"loss": loss, "ce": jnp.mean(ce_BxL), "acc": jnp.mean(correct_BxL)}
     for k, (b, e) in enumerate(bounds):
       metrics[f"loss_s{k}"] = jnp.mean(ce_BxL[:, b:e])
