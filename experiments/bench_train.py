@@ -122,10 +122,14 @@ def ours_step(config, fam, frozen, batch):
 
 def _fresh_models_package(reference: str):
   """VAR and mar both name their package `models`: drop one already imported from another
-  checkout (its objects stay alive) and put this checkout first on the path."""
+  checkout (its objects stay alive) and put this checkout first on the path."""  # noqa: D401
   for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
     del sys.modules[name]
-  sys.path.insert(0, os.path.abspath(reference))
+  # mar's `models` has no __init__.py: a namespace package loses to any regular `models` package
+  # later on the path, so the other checkouts leave the path.
+  ref = os.path.abspath(reference)
+  sys.path[:] = [p for p in sys.path if p == ref or not os.path.isfile(f"{p}/models/__init__.py")]
+  sys.path.insert(0, ref)
 
 
 def _hub_stub():
