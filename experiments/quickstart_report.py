@@ -115,10 +115,11 @@ def calibrate(repeats: int = 5) -> dict:
   )
 
 
-def machine() -> dict:
+def machine(calibration: bool = True) -> dict:
   return dict(
     cpu=cpu_info(),
-    calibration=calibrate(),
+    calibration=calibrate() if calibration else "skipped (--skip_calibration)",
+    load_avg_1min=os.getloadavg()[0],
     xla_flags=os.environ.get("XLA_FLAGS", ""),
     device=str(jax.devices()[0]),
     num_devices=jax.device_count(),
@@ -144,6 +145,7 @@ def main():
   ap.add_argument("--wall_s", type=float, help="wall time of the whole job (required unless "
                   "--calibrate_only)")  # fmt: skip
   ap.add_argument("--calibrate_only", action="store_true", help="print the machine record only")
+  ap.add_argument("--skip_calibration", action="store_true", help="busy machine: record no figure")
   ap.add_argument("--train_wall_s", type=float, help="wall time of `arvision train` alone")
   ap.add_argument("--command", help="what was run (default: the quickstart)")
   ap.add_argument("--out", default="experiments/results/quickstart_cpu.json")
@@ -210,7 +212,7 @@ def main():
     floor_same_n=floor,
     fd_over_floor=m["fd_fmnist"] / floor["fd_fmnist"] if floor else None,
     stages=_read_json(os.path.join(args.workdir, "stage_times.json")),
-    machine=machine(),
+    machine=machine(not args.skip_calibration),
     versions=dict(jax=jax.__version__, python=platform.python_version()),
   )
   print(json.dumps(result, indent=2))
