@@ -13,6 +13,7 @@
     arvision verify --workdir runs/var          # reads every checkpoint step; reports damaged ones
     arvision convert var_vae vae_ch160v4096z32.pth --out runs/var_vae
     arvision convert var var_d16.pth --vae runs/var_vae --out runs/var_d16
+    arvision convert hmar hmar-d16.pth --vae runs/var_vae --out runs/hmar_d16
     arvision convert llamagen_vq vq_ds16_c2i.pt --out runs/vq16
     arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
     arvision convert flexvar_vae FlexVAE.pth --out runs/flexvae
@@ -73,7 +74,7 @@ _FORMAT = flags.DEFINE_enum(
   "PyTorch state dict: .pth for VAR / LlamaGen / MAR and their tokenizers)",
 )
 _PATCH_NUMS = flags.DEFINE_string(
-  "patch_nums", None, "convert var: the scale schedule when it cannot be inferred, e.g. 1,2,4"
+  "patch_nums", None, "convert var|hmar: the scale schedule when it cannot be inferred, e.g. 1,2,4"
 )
 _NUM_HEADS = flags.DEFINE_integer(
   "num_heads",
@@ -112,7 +113,7 @@ _VIEWS = flags.DEFINE_enum(
 _VAE = flags.DEFINE_string(
   "vae",
   None,
-  "convert var|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
+  "convert var|hmar|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
 )
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "compile: a TPU slice, <chip>:<shape>, e.g. v5p:4x4x8, v6e:16x16, v5e:16x16"
@@ -253,6 +254,10 @@ def _convert(argv):
   module, fn = CONVERTERS[argv[1]].split(":")
   kw = {
     "var": lambda: {
+      "vae": _require(_VAE, "vae"),
+      "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
+    },
+    "hmar": lambda: {
       "vae": _require(_VAE, "vae"),
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },

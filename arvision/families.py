@@ -14,6 +14,7 @@ FAMILIES = {
   "flexvar": "arvision.models.flexvar",
   "mar": "arvision.models.mar",
   "raster": "arvision.models.raster",
+  "hmar": "arvision.models.hmar",
 }
 
 

@@ -56,6 +56,17 @@ class Family:
     abstract = jax.eval_shape(self.init_annotated, jax.random.key(0), batch)
     return nn.get_partition_spec(abstract)
 
+  def load_frozen(self, workdir: str) -> dict:
+    """Frozen params the family needs beyond its tokenizer, keyed by top-level param name (e.g.
+    HMAR stage 2: its stage-1 model); the loop adds them to the state's frozen params."""
+    del workdir
+    return {}
+
+  def init_frozen(self, rng: jax.Array) -> dict:
+    """Random stand-ins for `load_frozen`'s params (tests, benchmarks)."""
+    del rng
+    return {}
+
   def loss(self, params: Params, batch: Batch, rng: jax.Array, train: bool):
     """Returns `(loss, metrics)`: a scalar and a dict of scalars. Must be jit-able."""
     raise NotImplementedError

@@ -174,7 +174,9 @@ def build_family(config, workdir: str):
   if families.needs_tokenizer(config):
     tokenizer, frozen["tokenizer"] = prepare_tokenizer(config, workdir)
     _check_tokens_match(config, frozen["tokenizer"])
-  return families.build(config, tokenizer=tokenizer), frozen
+  family = families.build(config, tokenizer=tokenizer)
+  frozen.update(family.load_frozen(workdir))  # e.g. a fine-tuning stage's frozen base model
+  return family, frozen
 
 
 def _check_tokens_match(config, tokenizer_params) -> None:

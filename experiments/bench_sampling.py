@@ -1,4 +1,4 @@
-"""Sampling benchmark for every generator family (VAR, raster/LlamaGen, MAR).
+"""Sampling benchmark for every generator family (VAR, raster/LlamaGen, MAR, HMAR vs VAR).
 
 VAR: images/s of the KV-cache sampler against recomputing the prefix (and the official sampler).
 Raster (`--config configs/raster.py:...`): tokens/s and images/s of the static-KV-cache sampler;
@@ -19,6 +19,7 @@ FlexVAR (`--config configs/flexvar.py:...`): images/s and peak memory against VA
     python experiments/bench_sampling.py --config configs/mar.py:fmnist --batch 64 \
         --num_iter 8,16 --diffusion_steps 25,50
     python experiments/bench_sampling.py --config configs/flexvar.py:fmnist --batch 64 --cfg 3.0
+    python experiments/bench_sampling.py --config configs/hmar.py:fmnist   # HMAR vs VAR, same depth
 
 Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
 config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
@@ -73,6 +74,7 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from arvision import config_util, families
 from arvision.models.common import images_to_uint8, param_count
@@ -538,6 +540,7 @@ def build_family(spec: str, seed: int = 0):
   fam = families.build(config, tokenizer=tok)
   k_model, k_tok = jax.random.split(jax.random.key(seed))
   params = {**fam.init(k_model, None), "tokenizer": {"ae": tok.init(k_tok, None)["ae"]}}
+  params.update(fam.init_frozen(k_model))  # HMAR stage 2: its (frozen) stage-1 params
   return config, fam, params
 
 
@@ -866,12 +869,89 @@ def bench_flexvar(args, config, fam, params) -> list[dict]:
   return rows
 
 
+def bench_hmar(args, config, fam, params) -> list[dict]:
+  """HMAR against VAR at the same depth and batch, side by side (timed calls interleaved):
+  VAR's KV-cache sampler (`var.py:<variant>`, HMAR's stage-1 weights), HMAR next-scale only
+  (block-diagonal, no cache) and HMAR with its masked steps (stage 2). `xla_bytes`: the
+  compiled sampler's argument + output + temp bytes (XLA memory analysis, any backend)."""
+  base = str(config.variant).removesuffix("_stage1")
+  var_config = config_util.load_config_file(f"var.py:{base}")
+  var_fam = families.build(var_config, tokenizer=fam.tokenizer)
+  one = mlc.ConfigDict(config.to_dict())
+  one.model.mask_schedule = tuple((n,) for n in fam.lengths)
+  impls = {
+    "var_kv_cache": (var_fam, {k: v for k, v in params.items() if not k.startswith("mask_")}),
+    "hmar_nextscale": (families.build(one, tokenizer=fam.tokenizer), params),
+  }
+  if fam.stage == 2:
+    impls["hmar_masked"] = (fam, params)
+  top_k = args.top_k if args.top_k is not None else int(config.sample.get("top_k", 0))
+  top_p = args.top_p if args.top_p is not None else float(config.sample.get("top_p", 0.0))
+  rows = []
+  for batch in args.batch:
+    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    for cfg in args.cfg:
+      kw = dict(cfg=cfg, top_k=top_k, top_p=top_p)
+      calls = {
+        name: (lambda f=f, p=p, y=labels, kw=kw: f.sample_tokens(p, y, jax.random.key(0), **kw)[0])
+        for name, (f, p) in impls.items()
+      }
+      first, times = {}, {name: [] for name in calls}
+      for name, call in calls.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        first[name] = time.perf_counter() - t0
+      for _ in range(args.runs):  # interleaved: a load change hits every impl alike
+        for name, call in calls.items():
+          t0 = time.perf_counter()
+          jax.block_until_ready(call())
+          times[name].append(time.perf_counter() - t0)
+      group = []
+      for name, (f, p) in impls.items():
+        knobs = (jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p))
+        mem = (
+          f._sample_jit.lower(
+            p, labels, jax.random.key(0), knobs, None, more_smooth=False, return_logits=False,
+            cfg_schedule="linear",
+          ).compile().memory_analysis()
+        )  # fmt: skip
+        med = statistics.median(times[name])
+        group.append(
+          dict(
+            impl=name,
+            batch=batch,
+            cfg=cfg,
+            median_s=med,
+            runs_s=[round(t, 4) for t in times[name]],
+            first_call_s=round(first[name], 3),
+            images_per_s=batch / med,
+            xla_bytes=int(
+              mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            ),
+            xla_temp_bytes=int(mem.temp_size_in_bytes),
+          )  # fmt: skip
+        )
+      var_row = group[0]
+      for r in group[1:]:
+        r["speed_over_var"] = r["images_per_s"] / var_row["images_per_s"]
+        r["xla_bytes_over_var"] = r["xla_bytes"] / var_row["xla_bytes"]
+      for r in group:
+        print(_fmt_family_row(r), flush=True)
+      rows.extend(group)
+  return rows
+
+
 def run_family(args) -> dict:
   """The raster / MAR benchmark (same JSON layout as `run`)."""
   config, fam, params = build_family(args.config, args.seed)
   jdev = jax.devices()[0]
   versions = dict(jax=jax.__version__, python=platform.python_version())
-  bench = {"raster": bench_raster, "mar": bench_mar, "flexvar": bench_flexvar}.get(config.family)
+  bench = {
+    "raster": bench_raster,
+    "mar": bench_mar,
+    "flexvar": bench_flexvar,
+    "hmar": bench_hmar,
+  }.get(config.family)
   if bench is None:
     raise SystemExit(f"--config {args.config}: no benchmark for family {config.family!r}")
   rows = bench(args, config, fam, params)
@@ -895,6 +975,11 @@ def run_family(args) -> dict:
 
 
 def _fmt_family_row(r) -> str:
+  if "xla_bytes" in r:  # hmar vs var
+    return (
+      f"{r['impl']:>15} b={r['batch']:<4} cfg={r['cfg']:<4} {r['images_per_s']:9.3f} img/s "
+      f"{r['xla_bytes'] / 2**20:8.1f} MiB  x{r.get('speed_over_var', 1.0):.2f} vs VAR"
+    )
   if r["impl"] == "official":
     return f"{'official':>9} b={r['batch']:<4} cfg={r['cfg']:<4} median {r['median_s']:.4f}s"
   if "patch_nums" in r:

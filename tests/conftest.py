@@ -144,6 +144,7 @@ def smoke_family(name: str) -> Smoke:
       smoke.params = dict(_tokenizer_params(family))
     else:
       smoke.params = jax.jit(family.init)(jax.random.key(0), smoke.batch(2))
+      smoke.params.update(family.init_frozen(jax.random.key(1)))  # e.g. HMAR's stage 1
     if tokenizer is not None:
       smoke.params["tokenizer"] = _tokenizer_params(tokenizer)
     _SMOKE[name] = smoke

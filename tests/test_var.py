@@ -609,9 +609,11 @@ def test_lognormal_scale_loss(var_kit):
   logits = ap(params, batch["label"], tok.idx_to_var_input(params["tokenizer"], idx))
   gt = jnp.concatenate(idx, axis=1)
   ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), gt[..., None], axis=-1)[..., 0]
-  # log-normal density (mu 0.5, sigma 1) at scale index k = 1, 2, 3, normalised over scales.
-  k = np.arange(1, 4)
-  pdf = np.exp(-((np.log(k) - 0.5) ** 2) / 2) / (k * np.sqrt(2 * np.pi))
+  # HMAR's `lognorm` (official Trainer.norm_dist_equivalent), shifted by mu = 0.5: a normal
+  # density at the standardised side ratios, sides reversed (scale 0 gets the largest side's z).
+  r = np.asarray(fam.patch_nums, np.float64) / fam.patch_nums[-1]
+  z = (r[::-1] - r.mean()) / np.std(r, ddof=1)
+  pdf = np.exp(-((z - 0.5) ** 2) / 2)
   w = pdf / pdf.sum()
   per_scale = [ce[:, b:e].mean(axis=1) for b, e in var_lib.scale_bounds(fam.patch_nums)]
   expected = np.mean(sum(wk * c for wk, c in zip(w, per_scale, strict=True)))

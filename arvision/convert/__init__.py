@@ -3,6 +3,7 @@
 CONVERTERS = {
   "var_vae": "arvision.convert.var:main_var_vae",
   "var": "arvision.convert.var:main_var",
+  "hmar": "arvision.convert.hmar:main_hmar",
   "mar_vae": "arvision.convert.mar:main_mar_vae",
   "mar": "arvision.convert.mar:main_mar",
   "llamagen_vq": "arvision.convert.llamagen:main_llamagen_vq",

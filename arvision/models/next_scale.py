@@ -9,8 +9,9 @@
   upsampled). Both run through the tokenizer's methods (`ScaleInputs.methods`).
 - sampling: `cfg_scale` (the `cfg_schedule` setting) and `check_known` (teacher-forced tokens).
 - `scale_loss`: how scales weigh in the loss. `tokens` (VAR: every token 1/L, so a scale weighs
-  by its token count) or `lognormal` (HMAR-style: scale k's mean loss weighted by a log-normal
-  density at k + 1, normalised over scales).
+  by its token count) or `lognormal` (HMAR's `loss_reweight_type: lognorm`: scale k's mean loss
+  weighted by a normal density over the standardised scale sides, in reverse order; see
+  `scale_weights`).
 """
 
 from __future__ import annotations
@@ -37,17 +38,28 @@ def train_mask(name: str, lengths) -> masks.MaskSpec:
   return MASKS[name](lengths)
 
 
-def scale_weights(name: str, num_scales: int, mu: float = 0.0, sigma: float = 1.0) -> np.ndarray:
+def scale_weights(name: str, patch_nums, mu: float = 0.0, sigma: float = 1.0) -> np.ndarray:
   """float64 `[num_scales]` loss weight of each scale's mean token loss (sums to 1), or None for
-  `tokens` (VAR's per-token 1/L, kept as its own formula so the default loss is unchanged)."""
+  `tokens` (VAR's per-token 1/L, kept as its own formula so the default loss is unchanged).
+
+  `lognormal` is HMAR's `lognorm` (official `Trainer.norm_dist_equivalent`): with r = pn / pn_last
+  and z_i = (r_{n-1-i} - mean(r)) / std(r) (sample std, ddof 1; the sides taken in *reverse*
+  order, so the first, coarsest scale gets the z of the largest side), scale i weighs
+  N(z_i; mu, sigma), normalised over scales. The official code is mu = 0, sigma = 1; each token
+  of scale i then carries w_i / pn_i^2, which is w_i times scale i's mean loss.
+  """
   if name == "tokens":
     return None
   if name != "lognormal":
     raise ValueError(f"model.scale_loss={name!r} is unknown; accepted: {list(SCALE_LOSSES)}")
   if sigma <= 0:
     raise ValueError(f"model.scale_loss_sigma={sigma} must be > 0")
-  k = np.arange(1, num_scales + 1, dtype=np.float64)
-  pdf = np.exp(-((np.log(k) - mu) ** 2) / (2 * sigma**2)) / (k * sigma * math.sqrt(2 * math.pi))
+  pns = np.asarray(patch_nums, np.float64)
+  if len(pns) < 2:
+    raise ValueError(f"model.scale_loss='lognormal' needs >= 2 scales, got patch_nums={patch_nums}")
+  r = pns / pns[-1]
+  z = (r[::-1] - r.mean()) / r.std(ddof=1)
+  pdf = np.exp(-(((z - mu) / sigma) ** 2) / 2) / (sigma * math.sqrt(2 * math.pi))
   return pdf / pdf.sum()
 
 

@@ -295,6 +295,7 @@ class VARFamily(Generator):
   """
 
   name = "var"
+  module_class = VAR  # a successor's subclass of the VAR module (same constructor fields)
   tokenizer_methods = ("codebook",)
   sampler_static = ("more_smooth", "return_logits", "cfg_schedule")
   # Params sized by the training scale schedule (a successor without them may sample another).
@@ -327,7 +328,7 @@ class VARFamily(Generator):
       raise ValueError(f"model.label_smoothing={self.label_smoothing} must be in [0, 1)")
     self.scale_weights = next_scale.scale_weights(
       str(m.get("scale_loss", "tokens")),
-      len(self.patch_nums),
+      self.patch_nums,
       float(m.get("scale_loss_mu", 0.0)),
       float(m.get("scale_loss_sigma", 1.0)),
     )
@@ -490,6 +491,7 @@ class VARFamily(Generator):
         logits = guidance.guide(logits_2Bxlxv[:B], logits_2Bxlxv[B:], scale)
         filtered = filter_top_k_top_p(logits, top_k, top_p)
         idx_Bl = jax.random.categorical(k_idx, filtered, axis=-1).astype(jnp.int32)
+        idx_Bl = self.refine_scale(params, si, x, cond_2BxD, idx_Bl, filtered, k_idx, knobs)
         if more_smooth:
           tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
           h_BlC = gumbel_softmax(k_gumbel, filtered * (1 + ratio), tau) @ codebook_VxC
@@ -507,6 +509,15 @@ class VARFamily(Generator):
         x = jnp.concatenate([x, x], axis=0)
     img_u8 = self.decode_images(params, state, "decode_fhat")
     return img_u8, idx_out, (logits_out if return_logits else None)
+
+  def refine_scale(self, params, si, x_2BxlxC, cond_2BxD, idx_Bl, filtered_BxlxV, rng, knobs):
+    """A successor's extra steps inside scale `si` once its tokens are drawn (HMAR: masked
+    re-prediction of the least confident ones); VAR has none. Args: the scale's embedded input
+    (both CFG halves), the condition, the drawn tokens, their filtered logits, the key they were
+    drawn with (derive new keys with `fold_in`, VAR's stream stays as it is) and the traced
+    `(cfg, top_k, top_p)`. Returns the tokens `[B, l]`."""
+    del params, si, x_2BxlxC, cond_2BxD, filtered_BxlxV, rng, knobs
+    return idx_Bl
 
   def sample_tokens(self, params, labels, rng, **settings):
     """Samples images and returns the per-scale tokens too.
