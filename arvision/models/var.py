@@ -295,7 +295,6 @@ class VARFamily(Generator):
   """
 
   name = "var"
-  module_class = VAR  # a successor's subclass of the VAR module (same constructor fields)
   tokenizer_methods = ("codebook",)
   sampler_static = ("more_smooth", "return_logits", "cfg_schedule")
   # Params sized by the training scale schedule (a successor without them may sample another).
