@@ -41,7 +41,7 @@ from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
 from arvision.precision import current_dtype
-from arvision.sampling import guidance, orders
+from arvision.sampling import guidance, orders, speculative
 from arvision.sampling.kv_cache import KVCache, init_kv_caches, update_kv_cache
 from arvision.sampling.topk import filter_top_k_top_p
 
@@ -432,7 +432,7 @@ class RasterFamily(Generator):
 
   name = "raster"
   tokenizer_methods = ("encode_idx", "decode_idx")
-  sampler_static = ("schedule", "return_logits")
+  sampler_static = ("schedule", "return_logits", "decode", "window", "lantern_k")
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
@@ -549,10 +549,19 @@ class RasterFamily(Generator):
     known,
     known_mask,
     order,
+    lantern_delta,
     *,
     schedule: tuple[int, ...],
     return_logits: bool,
+    decode: str = "plain",
+    window: int = 0,
+    lantern_k: int = 0,
   ):
+    if decode != "plain":
+      settings = (cfg, cfg_interval, temperature, top_k, top_p, lantern_delta)
+      return self._sample_speculative(
+        params, labels, rng, order, known, known_mask, settings, decode, window, lantern_k
+      )
     mod, var = self.module, self._vars(params)
     B, N, P, V = labels.shape[0], self.num_tokens, mod.prefix, mod.vocab_size
     # Steps have different counts; each runs at the largest count K with the extra slots masked,
@@ -622,10 +631,105 @@ class RasterFamily(Generator):
       1, len(schedule), body, (seq, caches, hbuf, out_logits)
     )
     seq = seq[:, :N]
-    # decoding order -> raster grid, per example
-    grid = jnp.zeros_like(seq).at[jnp.arange(B)[:, None], order].set(seq)
-    images = self.decode_images(params, grid, "decode_idx")
-    return images, grid, (out_logits[:, :N] if return_logits else None)
+    images, grid = self._to_images(params, seq, order)
+    calls_B = jnp.full((B,), len(schedule), jnp.int32)
+    return images, grid, (out_logits[:, :N] if return_logits else None), calls_B
+
+  def _to_images(self, params, seq_BxN, order_BxN):
+    """Tokens in decoding order -> (uint8 images, raster grid codes), per example."""
+    B = seq_BxN.shape[0]
+    grid = jnp.zeros_like(seq_BxN).at[jnp.arange(B)[:, None], order_BxN].set(seq_BxN)
+    return self.decode_images(params, grid, "decode_idx"), grid
+
+  def _sample_speculative(
+    self, params, labels, rng, order, known, known_mask, settings, decode, window, lantern_k
+  ):
+    """Speculative Jacobi decoding (`decode="sjd"`) or LANTERN's relaxed acceptance
+    (`decode="lantern"`) of a one-token-per-step model; `sampling/speculative.py` has the rules.
+
+    Each example runs its own `while_loop` (vmapped over the batch, so examples accept different
+    counts): a model call feeds the last accepted token and W - 1 drafts at slots
+    `P + n - 1 .. P + n + W - 2` of a static KV cache (n = tokens accepted), reads W
+    distributions, accepts m drafts plus one drawn token and moves n by m + 1. Slots of rejected
+    drafts stay in the cache but lie past the next call's first slot, which overwrites them; the
+    causal mask hides what is not yet overwritten. A known token's distribution is a point mass
+    on it, so it is accepted (or drawn) as is. Returns calls per example (prefill included).
+    """
+    cfg, cfg_interval, temperature, top_k, top_p, delta = settings
+    mod, var = self.module, self._vars(params)
+    B, N, P, V, W = labels.shape[0], self.num_tokens, mod.prefix, mod.vocab_size, window
+    inv_temp = 1.0 / jnp.maximum(temperature, 1e-5)
+    top_p = jnp.where(top_p < 1.0, top_p, 0.0)  # official: top-p only below 1
+    mask = masks.causal()
+    cache_len = self.cache_length(W)
+    codebook = None
+    if decode == "lantern":
+      codebook = self.tokenizer.codebook(params["tokenizer"])
+
+    def one(label, key, order_N, known_N, known_mask_N):
+      order_p = jnp.pad(order_N, (0, W))  # rows of slots past N are never read
+      known_p, known_mask_p = jnp.pad(known_N, (0, W)), jnp.pad(known_mask_N, (0, W))
+
+      def dists(logits_2xKxV, t0):
+        """Sampling distributions `[K, V]` of tokens t0.. (guidance, temperature, top-k/p)."""
+        K = logits_2xKxV.shape[1]
+        t = t0 + jnp.arange(K)
+        scale = guidance.interval(cfg, t, cfg_interval)[:, None]
+        logits = guidance.guide(logits_2xKxV[0], logits_2xKxV[1], scale, active=scale > 1.0)
+        p = jax.nn.softmax(filter_top_k_top_p(logits * inv_temp, top_k, top_p), axis=-1)
+        kn = jax.lax.dynamic_slice_in_dim(known_p, t0, K)
+        forced = jax.lax.dynamic_slice_in_dim(known_mask_p, t0, K)[:, None]
+        return jnp.where(forced, jax.nn.one_hot(kn, V, dtype=p.dtype), p)
+
+      labels_2 = jnp.stack([label, jnp.int32(self.num_classes)])
+      caches = init_kv_caches(mod.n_layer, 2, cache_len, mod.kv_heads, mod.head_dim)
+      h = mod.apply(var, labels_2, method=RasterTransformer.embed_cond)
+      hidden, caches = mod.apply(var, h, caches, 0, jnp.arange(P), mask, method="step")
+      p0 = dists(mod.apply(var, hidden[:, P - 1 :], method="logits"), 0)[0]
+      k0, k_init = jax.random.split(jax.random.fold_in(key, 0))
+      seq = jnp.zeros((N + W,), jnp.int32).at[0].set(speculative.categorical(k0, p0))
+      drafts = jax.random.randint(k_init, (W - 1,), 0, V, jnp.int32)  # SJD's random init
+      q = jax.nn.one_hot(drafts, V, dtype=jnp.float32)
+
+      def body(state):
+        n, seq, drafts, q, caches, calls = state
+        k_u, k_tok, k_fresh, k_init = jax.random.split(jax.random.fold_in(key, calls), 4)
+        inp = jnp.concatenate([jax.lax.dynamic_slice_in_dim(seq, n - 1, 1), drafts])
+        h = mod.apply(var, jnp.stack([inp, inp]), method="embed_tokens")
+        rows = P + jax.lax.dynamic_slice_in_dim(order_p, n - 1, W)
+        hidden, caches = mod.apply(var, h, caches, P + n - 1, rows, mask, method="step")
+        p = dists(mod.apply(var, hidden, method="logits"), n)  # [W, V]: tokens n .. n + W - 1
+        target = p[: W - 1]
+        if decode == "lantern":
+          nbr = speculative.nearest_codes(codebook, drafts, lantern_k)
+          target = speculative.lantern_relax(target, drafts, nbr, delta)
+        u = jax.random.uniform(k_u, (W - 1,))
+        m, res = speculative.accept_drafts(target, q, drafts, u)
+        # token n + m: the residual at the first rejection, or the last distribution (all passed)
+        tok = speculative.categorical(k_tok, jnp.concatenate([res, p[W - 1 :]])[m])
+        j = jnp.arange(W)
+        new = jnp.where(j < m, jnp.pad(drafts, (0, 1)), tok)
+        old = jax.lax.dynamic_slice_in_dim(seq, n, W)
+        seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(j <= m, new, old), n, axis=0)
+        # next drafts (tokens n + m + 1 ..): this call's distributions past m (Jacobi update),
+        # then random tokens for positions no call has scored yet
+        src = m + 1 + jnp.arange(W - 1)
+        seen = src < W
+        src = jnp.minimum(src, W - 1)
+        fresh = speculative.categorical(k_fresh, p)[src]
+        init = jax.random.randint(k_init, (W - 1,), 0, V, jnp.int32)
+        drafts = jnp.where(seen, fresh, init)
+        q = jnp.where(seen[:, None], p[src], jax.nn.one_hot(init, V, dtype=jnp.float32))
+        return n + m + 1, seq, drafts, q, caches, calls + 1
+
+      state = (jnp.int32(1), seq, drafts, q, caches, jnp.int32(1))
+      _, seq, _, _, _, calls = jax.lax.while_loop(lambda s: s[0] < N, body, state)
+      return seq[:N], calls
+
+    keys = jax.random.split(jax.random.fold_in(rng, N + 1), B)
+    seq, calls_B = jax.vmap(one)(labels.astype(jnp.int32), keys, order, known, known_mask)
+    images, grid = self._to_images(params, seq, order)
+    return images, grid, None, calls_B
 
   def sample_tokens(
     self,
@@ -643,6 +747,11 @@ class RasterFamily(Generator):
     order=None,
     schedule=None,
     return_logits=False,
+    decode="plain",
+    window=16,
+    lantern_k=1000,
+    lantern_delta=0.1,
+    return_stats=False,
   ):
     """Samples images and their raster codes.
 
@@ -663,9 +772,22 @@ class RasterFamily(Generator):
       schedule: tokens per step, a tuple of counts summing to N (static: one compilation per
         schedule; see `sampling/orders.py`). Default: the model's (`model.schedule`).
       return_logits: also return the guided logits `[B, N, V]` (before temperature/filtering).
+      decode: `plain` (the schedule's steps), `sjd` (speculative Jacobi decoding: a window of
+        drafts per model call, the speculative acceptance test; same distribution as plain) or
+        `lantern` (SJD with LANTERN's relaxed test; not the same distribution: within a
+        total-variation budget per token). Training-free; needs a one-token-per-step schedule.
+        See `sampling/speculative.py`. Static (one compilation per decode/window/lantern_k).
+      window: tokens per model call of `sjd`/`lantern` (the last accepted one + window - 1
+        drafts; official SJD: 16).
+      lantern_k: neighbours (in the tokenizer's codebook) pooled by `lantern`, capped at V - 1
+        (official 1000).
+      lantern_delta: `lantern`'s total-variation budget in [0, 1] (official 0.1; 0 = `sjd`).
+      return_stats: also return `{"calls": int [B] model calls per image (the prefill included),
+        "tokens_per_call": float [B]}`.
 
     Returns:
-      `(images uint8 [B, H, W, C], codes int32 [B, N] raster, logits or None)`.
+      `(images uint8 [B, H, W, C], codes int32 [B, N] raster, logits or None)`, plus the stats
+      dict when `return_stats`.
     """
     labels = self.check_labels(labels)
     B, N = labels.shape[0], self.num_tokens
@@ -682,7 +804,24 @@ class RasterFamily(Generator):
     if order.shape not in ((N,), (B, N)):
       raise ValueError(f"order must be int [N={N}] or [B={B}, N={N}], got shape {order.shape}")
     schedule = self.schedule if schedule is None else orders.check_schedule(schedule, N)
-    return self._sample_jit(
+    lantern_k = min(int(lantern_k), self.module.vocab_size - 1)
+    speculative.check_decode(decode, window, lantern_k, lantern_delta)
+    if decode != "plain":
+      if any(k != 1 for k in schedule):
+        raise ValueError(
+          f"decode={decode!r} drafts one token per slot: it needs the one-token schedule, got "
+          f"{len(schedule)} steps (model.schedule={self.config.model.get('schedule', 'one')!r})"
+        )
+      if return_logits:
+        raise ValueError(f"return_logits is only available with decode='plain', not {decode!r}")
+      if decode == "lantern" and not hasattr(self.tokenizer, "codebook"):
+        raise ValueError(
+          f"decode='lantern' needs the tokenizer's codebook; {type(self.tokenizer).__name__} has "
+          "no `codebook(params)` method"
+        )
+    else:
+      window, lantern_k = 0, 0  # unused: keep one compilation for plain decoding
+    images, grid, logits, calls = self._sample_jit(
       params,
       labels,
       rng,
@@ -694,9 +833,16 @@ class RasterFamily(Generator):
       known,
       known_mask,
       jnp.broadcast_to(order, (B, N)),
+      jnp.float32(lantern_delta),
       schedule=schedule,
       return_logits=bool(return_logits),
+      decode=decode,
+      window=int(window),
+      lantern_k=lantern_k,
     )
+    if not return_stats:
+      return images, grid, logits
+    return images, grid, logits, dict(calls=calls, tokens_per_call=N / calls.astype(jnp.float32))
 
 
 build = RasterFamily.build
