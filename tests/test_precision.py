@@ -41,7 +41,12 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("name", GENERATORS + ("tokenizer",))
+@pytest.mark.parametrize(
+  "name",
+  # MAR and the tokenizer compile the longest: slow, to keep the default suite's time.
+  ["var", "raster", pytest.param("mar", marks=pytest.mark.slow)]
+  + [pytest.param("tokenizer", marks=pytest.mark.slow)],
+)
 def test_bf16_loss_is_close_to_fp32_and_finite(name, smoke, configs):
   base = smoke(name)
   bf16 = _family(smoke, configs, name, **{"model.dtype": "bfloat16"})
