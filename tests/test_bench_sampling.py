@@ -123,6 +123,7 @@ def test_raster_rows_and_decode_bytes(bench, tmp_path):
   assert row["peak_bandwidth"] is None and row["bandwidth_fraction"] is None  # CPU: no roofline
 
 
+@pytest.mark.slow  # 43 s on 2 cores; the VAR/raster rows keep the script covered
 def test_mar_rows_cover_iters_steps_and_disa(bench, tmp_path):
   out = tmp_path / "mar.json"
   bench.main(["--config", "configs/mar.py:smoke", "--batch", "2", "--cfg", "1.0", "--runs", "1",

@@ -411,6 +411,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 42 s; sharded training agreement stays in test_sharding
 def test_sharded_sampling_matches_one_device(tmp_path):
   out = str(tmp_path / "imgs.npz")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")

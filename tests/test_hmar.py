@@ -119,6 +119,7 @@ def test_decoding_equals_teacher_forcing(smoke):
     np.testing.assert_allclose(step[:2], tf[:, b:e], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # 27 s; decoding = teacher forcing stays fast
 def test_masked_steps_change_only_masked_tokens(smoke):
   """With schedule (1, 3) at 2x2, the masked step re-predicts 3 tokens and keeps the most
   confident one; with one step per scale the sampler is the next-scale one (same rng)."""

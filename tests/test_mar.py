@@ -63,6 +63,7 @@ def test_disa_schedule_is_linear_and_bounded():
   np.testing.assert_allclose(s, 50 - 45 * np.arange(64) / 63, atol=0.5)
 
 
+@pytest.mark.slow  # 32 s; the mask-count tests stay fast
 def test_training_mask_rate_law():
   scipy_stats = pytest.importorskip("scipy.stats")
   fam, _, _ = setup_mar()

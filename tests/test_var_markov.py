@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from arvision import config_util, families, metrics_writer, train
 from arvision.ops import masks
@@ -30,6 +31,7 @@ def test_markov_config_is_var_plus_hooks():
   assert spec.density(fam.seq_len) < masks.scale_causal(fam.lengths).density(fam.seq_len)
 
 
+@pytest.mark.slow  # 84 s; HMAR's tests cover the block-diagonal + lognormal path
 def test_markov_variant_trains_through_the_loop(tmp_path):
   config = config_util.load_config_file("var.py:markov_smoke")
   with config.unlocked():
