@@ -182,3 +182,22 @@ def test_bicubic_weights_match_torch(in_size, out_size):
   )
   want = out[0, :, :, 0].numpy().T
   np.testing.assert_allclose(resize.bicubic_weights(in_size, out_size), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("in_size,out_size", PAIRS + [(16, 12), (64, 48), (12, 16)])
+def test_bilinear_matches_torch_trilinear_on_one_frame(in_size, out_size):
+  # Infinity's BSQ tokenizer resizes [B, C, 1, h, w] latents with 'trilinear': on one frame that
+  # is bilinear without antialias, which `bilinear` must reproduce in both directions.
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(in_size * 7 + out_size)
+  in_w, out_w = out_size + 1, in_size + 2
+  x = rng.standard_normal((2, 3, 1, in_size, in_w)).astype(np.float32)
+  want = torch.nn.functional.interpolate(
+    torch.from_numpy(x), size=(1, out_size, out_w), mode="trilinear"
+  ).numpy()[:, :, 0]
+  got = np.asarray(
+    resize.bilinear(jnp.asarray(x[:, :, 0].transpose(0, 2, 3, 1)), (out_size, out_w))
+  )
+  np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(resize.linear_weights(in_size, out_size).sum(1), 1.0, atol=1e-6)

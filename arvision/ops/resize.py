@@ -1,9 +1,11 @@
-"""Torch-parity image resizing: `F.interpolate(mode='area')` and `mode='bicubic'` in JAX.
+"""Torch-parity image resizing: `F.interpolate` modes 'area', 'bicubic' and 'bilinear' in JAX.
 
 `jax.image.resize` matches neither: PyTorch's 'area' is adaptive average pooling with overlapping
 windows at non-integer ratios (16->13, 16->10, ...), and its 'bicubic' uses A = -0.75 with clamped
 border taps, while JAX's 'cubic' uses Keys' A = -0.5. VAR's multi-scale quantizer runs both on every
-scale, so bit-level parity of the tokenizer and `f_hat` needs these exact kernels.
+scale, so bit-level parity of the tokenizer and `f_hat` needs these exact kernels. Infinity's BSQ
+tokenizer resizes with 'trilinear' on `[B, C, 1, h, w]` latents, which is 'bilinear' in (h, w)
+(`bilinear`; `jax.image.resize` antialiases when it downsamples, PyTorch does not).
 
 Both resizes are linear and separable: `out = W_h @ x @ W_w^T` per channel, with small weight
 matrices that depend only on the (static) sizes. They are built once in numpy and applied as two
@@ -105,6 +107,37 @@ def bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
   return w
 
 
+@functools.lru_cache(maxsize=256)
+def linear_weights(in_size: int, out_size: int) -> np.ndarray:
+  """The `[out_size, in_size]` matrix of PyTorch's 'bilinear'/'trilinear' (align_corners=False)
+  along one axis.
+
+  Source coordinate `max((i + 0.5) * in / out - 0.5, 0)` in float32 (computed as in
+  `bicubic_weights`), taps `floor` and `floor + 1` (the second clamped to `in - 1`), weights
+  `1 - t` and `t`; no antialiasing, also when downsampling. Same sizes: the identity, as PyTorch.
+
+  Args:
+    in_size: input length along the axis.
+    out_size: output length along the axis.
+
+  Returns:
+    float64 numpy array; rows sum to 1. Read-only (it is cached).
+  """
+  _check_size(in_size, out_size, "size")
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size, dtype=np.float32)
+  src = (np.float64(scale) * (dst + np.float32(0.5)).astype(np.float64) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  base = np.floor(src).astype(np.int64)
+  t = np.clip(src - base.astype(np.float32), 0, 1).astype(np.float32)
+  w = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(w, (rows, base), (np.float32(1) - t).astype(np.float64))
+  np.add.at(w, (rows, np.minimum(base + 1, in_size - 1)), t.astype(np.float64))
+  w.setflags(write=False)
+  return w
+
+
 def _normalize_size(size) -> tuple[int, int]:
   if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
     size = (size, size)
@@ -169,3 +202,20 @@ def bicubic(x_BxHxWxC: jax.Array, size: tuple[int, int] | int) -> jax.Array:
     `[B, out_height, out_width, C]` in the dtype of `x`.
   """
   return _separable(x_BxHxWxC, size, bicubic_weights, "bicubic")
+
+
+def bilinear(x_BxHxWxC: jax.Array, size: tuple[int, int] | int) -> jax.Array:
+  """PyTorch `F.interpolate(x, size, mode='bilinear', align_corners=False)` on NHWC arrays (and
+  'trilinear' on a `[B, C, 1, H, W]` video of one frame, as Infinity's BSQ tokenizer uses it).
+
+  No antialias when downsampling (unlike `jax.image.resize`). Jit-able (`size` is static) and
+  differentiable.
+
+  Args:
+    x_BxHxWxC: float array.
+    size: `(out_height, out_width)`, or one int for both.
+
+  Returns:
+    `[B, out_height, out_width, C]` in the dtype of `x`.
+  """
+  return _separable(x_BxHxWxC, size, linear_weights, "bilinear")
