@@ -68,6 +68,8 @@ def test_cli_compile_writes_json(tmp_path):
   assert "memory per chip" in stdout and "roofline" in stdout
   r = json.loads(out.read_text())
   assert r["topology"] == "v5p:2x2x1" and r["config"]["strategy"] == "fsdp"
+  assert r["command"].startswith("arvision compile --config") and "v5p:2x2x1" in r["command"]
+  assert r["host"]["process_cpu_s"] > 0 and r["host"]["peak_rss_gib"] > 0
 
 
 def test_bad_topology_is_one_line():

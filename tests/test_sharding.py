@@ -79,6 +79,7 @@ def test_divisibility_fallback_replicates_or_moves():
 
 _SCRIPT = textwrap.dedent(
   r"""
+  import os
   import tempfile
 
   import jax
@@ -136,7 +137,7 @@ _SCRIPT = textwrap.dedent(
 
   # --- same loss and gradients; one optimizer step agrees too ----------------------------------
   ref = None
-  for strategy in MESHES:
+  for strategy in os.environ["STRATEGIES"].split(","):  # the first is the reference
     s = setup(strategy)
     state = s.init(s.init_rng)
     loss, g = grads(s, state, batches[0])
@@ -174,6 +175,10 @@ _SCRIPT = textwrap.dedent(
     assert spec(state["step"]) == ()
     print("ok", strategy, float(loss))
 
+  if os.environ.get("EXTRAS") != "1":
+    print("ALL OK")
+    raise SystemExit(0)
+
   # --- activation constraints are in the program, not no-ops -----------------------------------
   s = setup("tp")
   state = s.init(s.init_rng)
@@ -208,9 +213,30 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def test_strategies_agree_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+def _run_on_8_devices(strategies, extras):
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    STRATEGIES=",".join(strategies),
+    EXTRAS="1" if extras else "0",
+  )
   res = subprocess.run(
     [sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
   )
   assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout[-3000:] + res.stderr[-6000:]
+  for line in [f"ok {s} " for s in strategies] + (
+    ["ok constraints", "ok restore"] if extras else []
+  ):
+    assert line in res.stdout, res.stdout[-3000:]
+
+
+def test_strategies_agree_on_8_devices():
+  """fsdp (the reference), tp and fsdp_tp: every kind of split (batch, weights over fsdp, heads
+  over tensor, both); plus the constraints and the fsdp -> tp restore."""
+  _run_on_8_devices(("fsdp", "tp", "fsdp_tp"), extras=True)
+
+
+@pytest.mark.slow  # ~60 s more on 2 cores; dp and hsdp only regroup the batch/fsdp axes above
+def test_dp_and_hsdp_agree_with_fsdp_on_8_devices():
+  _run_on_8_devices(("fsdp", "dp", "hsdp"), extras=False)
