@@ -18,6 +18,7 @@
     arvision convert llamagen c2i_L_256.pt --vae runs/vq16 --out runs/llamagen_L
     arvision convert flexvar_vae FlexVAE.pth --out runs/flexvae
     arvision convert flexvar FlexVARd16-epo179.pth --vae runs/flexvae --out runs/flexvar_d16
+    arvision convert infinity_vae infinity_vae_d32reg.pth --out runs/infinity_vae_d32
     arvision convert mar_vae kl16.ckpt --out runs/kl16
     arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
     arvision compile --config configs/var.py:d30 --topology v5p:4x4x8 --config.sharding.strategy=fsdp

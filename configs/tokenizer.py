@@ -12,6 +12,11 @@ Variants (`configs/tokenizer.py:<variant>`):
 - `smoke`: tiny msvq on 16x16 synthetic images; runs in seconds (tests).
 - `var_vae`, `llamagen_vq16`, `mar_kl16`: the official 256px architectures (for converted
   checkpoints; `var_vae` = VAR's vae_ch160v4096z32 with 108,948,355 params).
+- `fmnist_bsq`, `bsq_smoke`, `infinity_d32`, `infinity_d32_256`: Infinity's multi-scale binary
+  spherical quantizer (`type="bsq"`, `tokenizers/bsq.py`; d = `embed_dim` bits per token, an
+  implicit 2^d codebook) on its Flux-style VAE (no attention, no quant convs). `infinity_d32` is
+  `infinity_vae_d32reg.pth` with the official 1:1 schedule at 1024px (13 scales, 64x64 latent);
+  `infinity_d32_256` the same weights with the 256px schedule (1, 2, 4, 6, 8, 12, 16).
 """
 
 import ml_collections as mlc
@@ -64,6 +69,18 @@ _TRAIN = dict(
   warmup_steps=100,
   weight_decay=0.0,
 )
+
+# Infinity's BSQ VAE (`infinity/models/bsq_vae/flux_vqgan.py`): no attention, no quant convs.
+_BSQ = dict(
+  type="bsq",
+  using_sa=False,
+  mid_attn=False,
+  fused_qkv=False,
+  quant_conv_ks=0,
+  vocab_size=0,
+)
+# The official 1:1 scale schedules (`dynamic_resolution.py`): 7, 10 and 13 scales.
+INFINITY_SCALES = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
 
 _256 = dict(
   image_size=256, channels=3, source="tfds:imagenet2012", batch_size=256, total_steps=100_000
@@ -130,6 +147,44 @@ VARIANTS = {
     loss=dict(),
     train=dict(_256),
   ),
+  "fmnist_bsq": dict(
+    arch=dict(_BSQ, ch=16, ch_mult=(1, 2, 4), z_channels=16, embed_dim=16),
+    loss=dict(),
+    train=dict(),
+  ),
+  "bsq_smoke": dict(
+    arch=dict(_BSQ, ch=8, ch_mult=(1, 2), z_channels=8, embed_dim=8, patch_nums=(1, 2, 4, 8)),
+    loss=dict(),
+    train=dict(
+      source="synthetic", image_size=16, channels=1, batch_size=8, total_steps=4, warmup_steps=0
+    ),
+  ),
+  "infinity_d32": dict(
+    arch=dict(
+      _BSQ,
+      ch=128,
+      ch_mult=(1, 2, 4, 4, 4),
+      num_res_blocks=2,
+      z_channels=32,
+      embed_dim=32,
+      patch_nums=INFINITY_SCALES,
+    ),
+    loss=dict(),
+    train=dict(_256, image_size=1024),
+  ),
+  "infinity_d32_256": dict(
+    arch=dict(
+      _BSQ,
+      ch=128,
+      ch_mult=(1, 2, 4, 4, 4),
+      num_res_blocks=2,
+      z_channels=32,
+      embed_dim=32,
+      patch_nums=INFINITY_SCALES[:7],
+    ),
+    loss=dict(),
+    train=dict(_256),
+  ),
   "mar_kl16": dict(
     arch=dict(
       type="kl",
@@ -181,7 +236,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
 
   c.eval.num_samples = 1000 if args.variant.startswith("fmnist") else 100
   c.eval.batch_size = 250 if args.variant.startswith("fmnist") else 100
-  if args.variant == "smoke":
+  if args.variant in ("smoke", "bsq_smoke"):
     c.eval.num_batches = 1
     c.eval.num_samples = 16
     c.eval.batch_size = 16

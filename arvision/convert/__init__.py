@@ -10,4 +10,5 @@ CONVERTERS = {
   "llamagen": "arvision.convert.llamagen:main_llamagen",
   "flexvar_vae": "arvision.convert.flexvar:main_flexvar_vae",
   "flexvar": "arvision.convert.flexvar:main_flexvar",
+  "infinity_vae": "arvision.convert.bsq:main_infinity_vae",
 }

@@ -292,7 +292,8 @@ class Autoencoder(nn.Module):
     quantize: the quantizer (VectorQuantizer, MultiScaleVQ or DiagonalGaussian).
     embed_dim: codebook / latent channels (VAR Cvae, LlamaGen codebook_embed_dim, MAR embed_dim).
     in_channels: image channels in; out_channels: image channels out.
-    quant_conv_ks: kernel size of both quant convs (VAR 3, LlamaGen/MAR 1).
+    quant_conv_ks: kernel size of both quant convs (VAR 3, LlamaGen/MAR 1); 0: no quant convs
+      (Infinity's BSQ VAE, Flux-style: the encoder's `conv_out` gives the latent itself).
     kl: whether the quantizer consumes Gaussian moments (doubles encoder/quant_conv outputs).
     Other attributes: see `Encoder`; `enc_attn_resolutions`/`dec_attn_resolutions` are the LDM
     rule per side.
@@ -335,8 +336,14 @@ class Autoencoder(nn.Module):
       out_channels=self.out_channels, attn_resolutions=tuple(self.dec_attn_resolutions), **common
     )
     mult = 2 if self.kl else 1
-    self.quant_conv = Conv(mult * self.embed_dim, self.quant_conv_ks)
-    self.post_quant_conv = Conv(self.z_channels, self.quant_conv_ks)
+    if self.quant_conv_ks:
+      self.quant_conv = Conv(mult * self.embed_dim, self.quant_conv_ks)
+      self.post_quant_conv = Conv(self.z_channels, self.quant_conv_ks)
+    elif self.z_channels != self.embed_dim:
+      raise ValueError(
+        f"quant_conv_ks=0 (no quant convs) needs z_channels == embed_dim; got {self.z_channels} "
+        f"and {self.embed_dim}"
+      )
 
   def encode(self, x_BxHxWxC: jax.Array, train: bool = False) -> jax.Array:
     """Images in [-1, 1] -> pre-quantization features f (or KL moments) [B, h, w, (2x)embed_dim]."""
@@ -346,11 +353,13 @@ class Autoencoder(nn.Module):
         f"in_channels={self.in_channels}"
       )
     # float32 features: quantisation (distances, codes) and KL moments are float32 math.
-    return self.quant_conv(self.encoder(x_BxHxWxC, train)).astype(jnp.float32)
+    h = self.encoder(x_BxHxWxC, train)
+    return (self.quant_conv(h) if self.quant_conv_ks else h).astype(jnp.float32)
 
   def decode(self, f_BxhxwxC: jax.Array, train: bool = False) -> jax.Array:
     """(Quantized) features -> images (not clipped; callers clip for display)."""
-    return self.decoder(self.post_quant_conv(f_BxhxwxC), train).astype(jnp.float32)
+    h = self.post_quant_conv(f_BxhxwxC) if self.quant_conv_ks else f_BxhxwxC
+    return self.decoder(h, train).astype(jnp.float32)
 
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     """Reconstruction (unclipped) and the quantizer's outputs (`loss`, codes, usage, ...)."""

@@ -1,4 +1,4 @@
-"""The tokenizer Family: conv autoencoder + quantizer (`model.type`: msvq | vq | kl) + losses.
+"""The tokenizer Family: conv autoencoder + quantizer (`model.type`: msvq | vq | kl | bsq) + losses.
 
 ```python
 tok = build(config)                      # config = configs/tokenizer.py:fmnist_msvq
@@ -23,6 +23,10 @@ Generator-facing API (all take the tokenizer's params, all jit-able):
 - vq (LlamaGen; FlexVAR's FlexVAE is one with an l2-normalised 32-d codebook): `encode_idx` ->
   int32 [B, h*w]; `decode_idx`; `codebook`; `encode_idx_independent(patch_nums=)`,
   `independent_input` (FlexVAR's per-scale codes and next-scale inputs).
+- bsq (Infinity's multi-scale binary spherical quantizer, `tokenizers/bsq.py`; codes are bits
+  int32 [B, h*w, d] per scale): `encode_bits`, `bits_to_var_input`, `flip_requant` (bitwise
+  self-correction), `bsq_next_input`, `decode_bits`, attributes `patch_nums` (the schedule),
+  `bits` (d), `embed_dim` (= d).
 - kl (MAR): `encode_latent(params, images, rng=None)` -> z * scale_factor [B, h, w, embed_dim]
   (posterior sample with `rng`, mode without); `decode_latent(params, z)`.
 """
@@ -37,12 +41,13 @@ import jax.numpy as jnp
 
 from arvision.family import Family
 from arvision.ops.resize import area, bicubic
+from arvision.tokenizers import bsq as BSQ
 from arvision.tokenizers import losses as L
 from arvision.tokenizers import metrics as M
 from arvision.tokenizers import quantizers as Q
 from arvision.tokenizers.autoencoder import CONV_AXES, Autoencoder
 
-TYPES = ("msvq", "vq", "kl")
+TYPES = ("msvq", "vq", "kl", "bsq")
 
 
 class TokenizerFamily(Family):
@@ -71,8 +76,11 @@ class TokenizerFamily(Family):
     self.latent_size = self.image_size // self.downsample
     self.embed_dim = int(m.embed_dim)
     self.z_channels = int(m.z_channels)
-    self.vocab_size = int(m.get("vocab_size", 0)) if self.type != "kl" else 0
-    self.patch_nums = tuple(int(p) for p in m.get("patch_nums", ())) if self.type == "msvq" else ()
+    self.vocab_size = int(m.get("vocab_size", 0)) if self.type in ("msvq", "vq") else 0
+    self.patch_nums = (
+      tuple(int(p) for p in m.get("patch_nums", ())) if self.type in ("msvq", "bsq") else ()
+    )
+    self.bits = self.embed_dim if self.type == "bsq" else 0
     self.scale_factor = float(m.get("scale_factor", 1.0))
     beta = float(lc.get("beta", 0.25))
     eini = float(m.get("eini", -1.0))
@@ -100,6 +108,21 @@ class TokenizerFamily(Family):
         share_quant_resi=int(m.get("share_quant_resi", 4)),
         eini=eini,
       )
+    elif self.type == "bsq":
+      if self.z_channels != self.embed_dim or int(m.get("quant_conv_ks", 0)) != 0:
+        raise ValueError(
+          "model.type='bsq' (Infinity's VAE) has no quant convs and quantizes the encoder's "
+          f"output: it needs model.quant_conv_ks=0 and model.z_channels == model.embed_dim (the "
+          f"bits d); got {m.get('quant_conv_ks')}, {self.z_channels} and {self.embed_dim}"
+        )
+      if not self.patch_nums or self.patch_nums[-1] != self.latent_size:
+        raise ValueError(
+          f"model.patch_nums={self.patch_nums} must end with the latent side {self.latent_size} "
+          f"(image_size {self.image_size} / downsample {self.downsample})"
+        )
+      if list(self.patch_nums) != sorted(set(self.patch_nums)):
+        raise ValueError(f"model.patch_nums={self.patch_nums} must be increasing")
+      quantize = BSQ.MultiScaleBSQ(self.bits, patch_nums=self.patch_nums)
     elif self.type == "vq":
       quantize = Q.VectorQuantizer(
         self.vocab_size,
@@ -110,7 +133,7 @@ class TokenizerFamily(Family):
       )
     else:
       quantize = Q.DiagonalGaussian()
-    if self.type != "kl" and self.vocab_size < 2:
+    if self.type in ("msvq", "vq") and self.vocab_size < 2:
       raise ValueError(
         f"model.vocab_size={self.vocab_size} must be >= 2 for model.type={self.type!r}"
       )
@@ -215,13 +238,17 @@ class TokenizerFamily(Family):
     metrics["psnr"] = jnp.mean(M.psnr(x, clipped))
     if self.type == "kl":
       metrics["kl"] = aux["kl"]
+    elif self.type == "bsq":
+      metrics["bit_mean"] = aux["bit_mean"]
+      metrics["bit_entropy"] = aux["bit_entropy"]
     else:
       metrics["usage"] = aux["usage"]
       metrics["perplexity"] = aux["perplexity"]
     return total, metrics
 
   def reconstruct(self, params, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """(recon clipped to [-1, 1], codes int32 [B, N] or None for kl). msvq codes: all scales."""
+    """(recon clipped to [-1, 1], codes int32 [B, N] or None for kl). msvq codes: all scales;
+    bsq: the bits of all scales [B, N, d]."""
     with self.computing():
       recon, aux = self.module.apply(
         self._ae(params), jnp.asarray(images, jnp.float32), train=False
@@ -300,6 +327,39 @@ class TokenizerFamily(Family):
     del params  # a fixed resampling; tokenizers with a learned one would use their params
     self._need("msvq", "vq", what="independent_input")
     return bicubic(h_BxpnxpnxC.astype(jnp.float32), (pn_next, pn_next))
+
+  def encode_bits(self, params, images: jax.Array, patch_nums=None) -> list[jax.Array]:
+    """bsq: bits int32 [B, h*w, d] per scale (the transformer's targets), over `patch_nums`
+    (sides or (h, w) pairs; default the config's schedule)."""
+    self._need("bsq", what="encode_bits")
+    f = self.encode_f(params, images)
+    return BSQ.requantize(f, patch_nums or self.patch_nums)["bits"]
+
+  def bits_to_var_input(self, params, bits_list, patch_nums=None) -> jax.Array:
+    """bsq teacher forcing: float32 [B, L - h_0 w_0, d] (bilinear of the running code sum)."""
+    del params  # the BSQ quantizer has no params
+    self._need("bsq", what="bits_to_var_input")
+    return BSQ.bits_to_var_input(list(bits_list), patch_nums or self.patch_nums)
+
+  def flip_requant(self, params, images: jax.Array, rng, layers: int, strength: float, **kw):
+    """bsq: Infinity's bitwise self-correction, (target bits per scale, teacher input) with a
+    random fraction (<= `strength`) of the bits of the first `layers` scales flipped."""
+    self._need("bsq", what="flip_requant")
+    f = self.encode_f(params, images)
+    return BSQ.flip_requant(f, kw.get("patch_nums") or self.patch_nums, rng, layers, strength)
+
+  def bsq_next_input(self, params, si: int, cum: jax.Array, bits, patch_nums=None):
+    """bsq sampling step: (running code sum, next scale's input [B, h', w', d] or None)."""
+    del params
+    self._need("bsq", what="bsq_next_input")
+    return BSQ.next_input(si, cum, bits, patch_nums or self.patch_nums)
+
+  def decode_bits(self, params, bits_list, patch_nums=None) -> jax.Array:
+    """bsq: bits of every scale -> images in [-1, 1] (official `decode_from_indices`)."""
+    self._need("bsq", what="decode_bits")
+    return self.decode_fhat(
+      params, BSQ.bits_to_fhat(list(bits_list), patch_nums or self.patch_nums)
+    )
 
   def codebook(self, params) -> jax.Array:
     """[V, C] lookup table (l2-normalised for l2_norm VQ)."""
