@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import types
@@ -229,6 +230,9 @@ def main():
     + " ".join(
       f"--{k} {getattr(args, k)}" for k in ("ch", "bits", "batch", "flip_layers", "flip_rate")
     ),
+    reference_commit=subprocess.run(
+      ["git", "-C", args.reference, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip(),
     config=dict(
       ch=args.ch,
       ch_mult=list(config.model.ch_mult),

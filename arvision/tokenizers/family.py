@@ -341,12 +341,14 @@ class TokenizerFamily(Family):
     self._need("bsq", what="bits_to_var_input")
     return BSQ.bits_to_var_input(list(bits_list), patch_nums or self.patch_nums)
 
-  def flip_requant(self, params, images: jax.Array, rng, layers: int, strength: float, **kw):
+  def flip_requant(
+    self, params, images: jax.Array, rng, layers: int, strength: float, patch_nums=None
+  ):
     """bsq: Infinity's bitwise self-correction, (target bits per scale, teacher input) with a
     random fraction (<= `strength`) of the bits of the first `layers` scales flipped."""
     self._need("bsq", what="flip_requant")
     f = self.encode_f(params, images)
-    return BSQ.flip_requant(f, kw.get("patch_nums") or self.patch_nums, rng, layers, strength)
+    return BSQ.flip_requant(f, patch_nums or self.patch_nums, rng, layers, strength)
 
   def bsq_next_input(self, params, si: int, cum: jax.Array, bits, patch_nums=None):
     """bsq sampling step: (running code sum, next scale's input [B, h', w', d] or None)."""
