@@ -390,6 +390,22 @@ def parse_args(argv=None):
     "--diffusion_steps", default="", help="MAR: comma-separated diffusion steps (default config)"
   )
   ap.add_argument("--disa", default="0,1", help="MAR: DiSA off/on, comma-separated 0/1")
+  ap.add_argument(
+    "--decodes",
+    default="",
+    help="raster: rows of decoding methods side by side, comma-separated from "
+    f"{','.join(RASTER_DECODES)} (default: one kv_cache row)",
+  )
+  ap.add_argument("--window", type=int, default=16, help="raster sjd/lantern: draft window")
+  ap.add_argument("--lantern_k", type=int, default=1000, help="raster lantern: neighbours pooled")
+  ap.add_argument("--lantern_delta", type=float, default=0.1, help="raster lantern: TV budget")
+  ap.add_argument(
+    "--head_std",
+    type=float,
+    default=0.1,
+    help="raster --decodes on random weights: std of the (zero-initialised) head, so the "
+    "distributions that drafts are tested against are not uniform",
+  )
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="", help="JSON path (default bench_sampling_<device>.json)")
   ap.add_argument(
@@ -410,6 +426,10 @@ def parse_args(argv=None):
   for name in args.impls:
     if name not in ("kv_cache", "recompute"):
       raise SystemExit(f"--impls: unknown {name!r}; accepted: kv_cache, recompute")
+  args.decodes = _csv(args.decodes, str)
+  for name in args.decodes:
+    if name not in RASTER_DECODES:
+      raise SystemExit(f"--decodes: unknown {name!r}; accepted: {', '.join(RASTER_DECODES)}")
   if any(b <= 0 for b in args.batch):
     raise SystemExit(f"--batch must be positive ints, got {args.batch}")
   if args.runs <= 0:
@@ -562,9 +582,82 @@ def raster_decode_bytes(fam, params, batch: int, dtype) -> dict:
   return dict(weights=weights, kv_cache=kv, total=weights + kv)
 
 
+# Raster decoding methods for `--decodes`: `plain` (a token per model call), `par` / `cosine` (the
+# PAR and RandAR schedules: several tokens per call; a model trained for them is needed for good
+# samples), `sjd` / `lantern` (speculative decoding: training-free, a window of drafts per call).
+RASTER_DECODES = ("plain", "par", "cosine", "sjd", "lantern")
+
+
+def raster_decode_kw(name: str, fam, args) -> dict:
+  """`sample_tokens` keywords of a `--decodes` entry."""
+  from arvision.sampling import orders
+
+  N, regions = fam.num_tokens, int(fam.config.model.get("regions", 2))
+  if name == "par":
+    return dict(order=orders.region_order(fam.grid_size, regions),
+                schedule=orders.par_schedule(N, regions * regions))  # fmt: skip
+  if name == "cosine":  # RandAR: 88 steps for 256 tokens
+    return dict(schedule=orders.cosine_schedule(N, max(1, round(N * 88 / 256))))
+  if name in ("sjd", "lantern"):
+    kw = dict(decode=name, window=args.window)
+    if name == "lantern":
+      kw.update(lantern_k=args.lantern_k, lantern_delta=args.lantern_delta)
+    return kw
+  return {}
+
+
+def bench_raster_decodes(args, config, fam, params) -> list[dict]:
+  """One row per `--decodes` method at each batch and cfg: model calls per image, tokens per
+  call, images/s (the same model and sampling settings, timed in one run)."""
+  from arvision.models.raster import RasterTransformer
+
+  # Random weights: a zero head makes every distribution uniform, which any draft passes.
+  kernel = params["output"]["kernel"]
+  kernel = args.head_std * jax.random.normal(jax.random.key(args.seed + 1), kernel.shape)
+  params = {**params, "output": {"kernel": kernel}}
+  dtype = DTYPES[args.dtype]
+  p = cast_params(params, dtype)
+  sample_kw = dict(config.get("sample", {}))
+  rows = []
+  for batch in args.batch:
+    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    for cfg in args.cfg:
+      plain_s = None
+      for name in args.decodes:
+        kw = dict(sample_kw, cfg=cfg, **raster_decode_kw(name, fam, args))
+        call = lambda kw=kw, labels=labels: fam.sample_tokens(  # noqa: E731
+          p, labels, jax.random.key(args.seed), return_stats=True, **kw
+        )
+        with compute_dtype(dtype, RasterTransformer):
+          res = time_calls(call, args.runs, jax.block_until_ready)
+          stats = call()[3]
+        calls = float(jnp.mean(stats["calls"]))
+        row = dict(
+          impl=name,
+          batch=batch,
+          cfg=cfg,
+          dtype=args.dtype,
+          head_std=args.head_std,
+          **{k: v for k, v in kw.items() if k in ("window", "lantern_k", "lantern_delta")},
+          **res,
+          images_per_s=batch / res["median_s"],
+          calls_per_image=calls,
+          max_calls=int(jnp.max(stats["calls"])),  # the batch runs until its slowest image ends
+          tokens_per_call=fam.num_tokens / calls,
+        )
+        plain_s = res["median_s"] if name == "plain" else plain_s
+        if plain_s is not None:
+          row["speedup_vs_plain"] = plain_s / res["median_s"]
+        rows.append(row)
+        print(_fmt_family_row(row), flush=True)
+  return rows
+
+
 def bench_raster(args, config, fam, params) -> list[dict]:
   from arvision.models.raster import RasterTransformer
 
+  if args.decodes:
+    return bench_raster_decodes(args, config, fam, params)
   dtype = DTYPES[args.dtype]
   p = cast_params(params, dtype)
   sample_kw = dict(config.get("sample", {}))
@@ -975,6 +1068,12 @@ def run_family(args) -> dict:
 
 
 def _fmt_family_row(r) -> str:
+  if "calls_per_image" in r:
+    sp = f"  {r['speedup_vs_plain']:.2f}x plain" if "speedup_vs_plain" in r else ""
+    return (
+      f"{r['impl']:>8} b={r['batch']:<4} cfg={r['cfg']:<4} {r['calls_per_image']:7.1f} calls/img "
+      f"{r['tokens_per_call']:5.2f} tok/call {r['images_per_s']:8.3f} img/s{sp}"
+    )
   if "xla_bytes" in r:  # hmar vs var
     return (
       f"{r['impl']:>15} b={r['batch']:<4} cfg={r['cfg']:<4} {r['images_per_s']:9.3f} img/s "
