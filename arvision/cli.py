@@ -263,6 +263,7 @@ def _convert(argv):
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },
     "llamagen": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
+    "par": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
     "flexvar": lambda: {"vae": _require(_VAE, "vae")},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
   }.get(argv[1], dict)()

@@ -15,6 +15,7 @@ FAMILIES = {
   "mar": "arvision.models.mar",
   "raster": "arvision.models.raster",
   "hmar": "arvision.models.hmar",
+  "par": "arvision.models.par",
 }
 
 

@@ -11,4 +11,5 @@ CONVERTERS = {
   "flexvar_vae": "arvision.convert.flexvar:main_flexvar_vae",
   "flexvar": "arvision.convert.flexvar:main_flexvar",
   "infinity_vae": "arvision.convert.bsq:main_infinity_vae",
+  "par": "arvision.convert.par:main_par",
 }

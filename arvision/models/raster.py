@@ -312,6 +312,10 @@ class RasterTransformer(nn.Module):
   def num_tokens(self) -> int:
     return self.grid_size * self.grid_size
 
+  def num_blocks(self) -> int:
+    """Transformer blocks built by `setup` (a successor with extra blocks overrides it)."""
+    return self.n_layer
+
   def rope_table(self) -> np.ndarray:
     return rope_2d_table(
       self.grid_size, self.head_dim, self.rope_base, self.prefix, self.rope_prefix
@@ -327,7 +331,7 @@ class RasterTransformer(nn.Module):
     )
     self.cls_embedding = LabelEmbedder(self.num_classes, self.dim, self.cond_drop_rate, std)
     hidden = ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-    dpr = drop_path_rates(self.drop_path_rate, self.n_layer)
+    dpr = drop_path_rates(self.drop_path_rate, self.num_blocks())
     self.layers = [
       TransformerBlock(
         self.n_head,
@@ -340,7 +344,7 @@ class RasterTransformer(nn.Module):
         drop_path_rate=dpr[i],
         attn_impl=self.attn_impl,
       )
-      for i in range(self.n_layer)
+      for i in range(self.num_blocks())
     ]
     self.norm = RMSNorm(self.norm_eps)
     self.output = nn.Dense(
@@ -357,14 +361,28 @@ class RasterTransformer(nn.Module):
   def embed_tokens(self, idx_BxL: jax.Array) -> jax.Array:
     return self.tok_embeddings(idx_BxL)
 
-  def run(self, h, rope_rows, *, mask, deterministic=True, caches=None, cache_index=0, head=True):
+  def run(
+    self,
+    h,
+    rope_rows,
+    *,
+    mask,
+    deterministic=True,
+    caches=None,
+    cache_index=0,
+    head=True,
+    drop_tokens=True,
+  ):
     """Blocks + norm (+ head) over embeddings `h [B, L, C]`; `rope_rows` index the RoPE table.
+    `drop_tokens=False`: no token dropout here (a successor that drops only some slots).
 
     Returns `(float32 logits [B, L, V], or the normed hidden [B, L, C] without head; new caches or
     None)`.
     """
     rope = jnp.asarray(self.rope_table())[rope_rows]
-    h = constrain(self.token_drop(h, deterministic=deterministic), ACT)
+    if drop_tokens:
+      h = self.token_drop(h, deterministic=deterministic)
+    h = constrain(h, ACT)
     new_caches = [] if caches is not None else None
     for i, layer in enumerate(self.layers):
       cache = caches[i] if caches is not None else None
@@ -433,6 +451,11 @@ class RasterFamily(Generator):
   name = "raster"
   tokenizer_methods = ("encode_idx", "decode_idx")
   sampler_static = ("schedule", "return_logits", "decode", "window", "lantern_k")
+  module_class = RasterTransformer  # successors with new parameters subclass it (models/par.py)
+
+  def module_extra(self, model_config) -> dict:
+    """Extra keyword arguments of `module_class` (successors' own fields)."""
+    return {}
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
@@ -450,7 +473,7 @@ class RasterFamily(Generator):
       raise ValueError(f"model.rope_prefix={rope_prefix!r} unknown; accepted: {ROPE_PREFIX}")
     mult = float(m.get("ffn_dim_multiplier", 0.0))
     self.grid_size = int(tokenizer.latent_size)
-    self.module = RasterTransformer(
+    self.module = self.module_class(
       dim=dim,
       n_layer=n_layer,
       n_head=n_head,
@@ -470,6 +493,7 @@ class RasterFamily(Generator):
       drop_path_rate=float(m.get("drop_path_rate", 0.0)),
       cond_drop_rate=float(m.get("cond_drop_rate", 0.1)),
       attn_impl=str(m.get("attn_impl", "auto")),
+      **self.module_extra(m),
     )
     self.module.rope_table()  # fails now on a head dim that 2D RoPE cannot split
     self.num_tokens = self.module.num_tokens
