@@ -264,6 +264,8 @@ def _convert(argv):
     },
     "llamagen": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
     "par": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
+    "randar": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
+    "nar": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
     "flexvar": lambda: {"vae": _require(_VAE, "vae")},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
   }.get(argv[1], dict)()

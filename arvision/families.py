@@ -16,6 +16,8 @@ FAMILIES = {
   "raster": "arvision.models.raster",
   "hmar": "arvision.models.hmar",
   "par": "arvision.models.par",
+  "randar": "arvision.models.randar",
+  "nar": "arvision.models.nar",
 }
 
 

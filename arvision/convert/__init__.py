@@ -12,4 +12,6 @@ CONVERTERS = {
   "flexvar": "arvision.convert.flexvar:main_flexvar",
   "infinity_vae": "arvision.convert.bsq:main_infinity_vae",
   "par": "arvision.convert.par:main_par",
+  "randar": "arvision.convert.randar:main_randar",
+  "nar": "arvision.convert.nar:main_nar",
 }

@@ -28,7 +28,7 @@ import numpy as np
 from arvision.ops import masks
 
 ORDERS = ("raster", "random", "regions")
-SCHEDULES = ("one", "par", "cosine")
+SCHEDULES = ("one", "par", "cosine", "randar")
 
 
 def region_order(grid: int, regions: int) -> np.ndarray:
@@ -113,14 +113,34 @@ def cosine_schedule(num_tokens: int, steps: int) -> tuple[int, ...]:
   return tuple(counts)
 
 
+def randar_schedule(num_tokens: int, steps: int) -> tuple[int, ...]:
+  """RandAR's official counts (`calculate_num_query_tokens_for_parallel_decoding`): one token
+  first; after call s, `min(int((1 - cos(pi/2 (s+2)/steps)) N + 1), N)` tokens are asked for in
+  total, at least one more per call (88 calls for 256 tokens at steps=88)."""
+  if steps < 1:
+    raise ValueError(f"model.schedule_steps={steps} must be a positive int")
+  counts, start, n, s = [], 0, 1, 0
+  while start < num_tokens:
+    counts.append(n)
+    start, s = start + n, s + 1
+    target = min(
+      int((1.0 - math.cos(math.pi / 2.0 * (s + 1) / steps)) * num_tokens + 1), num_tokens
+    )
+    n = min(max(target - start, 1), num_tokens - start)
+  return tuple(counts)
+
+
 def schedule(name: str, num_tokens: int, regions: int = 2, steps: int = 0) -> tuple[int, ...]:
-  """The named schedule: `one` (a token per step), `par` (regions**2 groups), `cosine`."""
+  """The named schedule: `one` (a token per step), `par` (regions**2 groups), `cosine`, `randar`
+  (RandAR's official counts, `schedule_steps` calls)."""
   if name == "one":
     return (1,) * num_tokens
   if name == "par":
     return par_schedule(num_tokens, regions * regions)
   if name == "cosine":
     return cosine_schedule(num_tokens, steps)
+  if name == "randar":
+    return randar_schedule(num_tokens, steps)
   raise ValueError(f"model.schedule={name!r} is unknown; accepted: {SCHEDULES}")
 
 

@@ -1,0 +1,149 @@
+"""Parity with the official NAR code: same random weights -> same teacher-forced logits and tokens.
+
+    python experiments/parity_nar_official.py --reference PATH_TO_ThisisBillhe_NAR \
+        --out experiments/results/parity_nar_official.json
+
+Builds the official NAR `Transformer` (`NAR-images/autoregressive/models/gpt.py`, imported from
+--reference, never copied here) small (4x4 and 8x8 token grids, one extra block for the second
+head), on the CPU in float32 with random weights (the zero-initialised head given weights),
+converts its state dict with `arvision.convert.nar` (every key must map) and compares:
+- the teacher-forced logits of the official training forward (raster slots, the proximity mask
+  built as the official `train_c2i.py` does, both heads mixed; dropouts off): max abs error;
+- greedy (top_k=1) CFG generation, official `generate` (its KV cache, one anti-diagonal per call)
+  against `NARFamily.sample_tokens`: the fraction of equal tokens, and the model calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+SMALL = dict(n_layer=2, n_head=4, dim=64, vocab_size=64, num_classes=10)
+
+
+def _imports(reference: str):
+  sys.path.insert(0, os.path.join(os.path.abspath(reference), "NAR-images"))
+  from autoregressive.models import generate as gen  # noqa: PLC0415
+  from autoregressive.models import gpt  # noqa: PLC0415
+
+  return gpt, gen
+
+
+def small_config(grid: int):
+  """The arvision `nar` config with the small official model's shapes (a VQ-16 tokenizer shape
+  at `grid` x `grid` codes, random weights: only the transformer is compared)."""
+  from arvision import config_util  # noqa: PLC0415
+
+  c = mlc.ConfigDict(config_util.load_config_file("nar.py:smoke").to_dict())
+  tok = mlc.ConfigDict(config_util.load_config_file("tokenizer.py:llamagen_vq16").to_dict())
+  tok.model.update(ch_mult=(1, 2), z_channels=8, vocab_size=SMALL["vocab_size"], ch=32)
+  tok.data.image_size = 2 * grid
+  c.tokenizer.config = tok
+  c.model.update(dim=SMALL["dim"], n_layer=SMALL["n_layer"], n_head=SMALL["n_head"])
+  c.model.update(multiple_of=256, attn_impl="xla", medusa_attention_num=1)
+  c.model.update(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+  c.data.num_classes = SMALL["num_classes"]
+  c.data.image_size, c.data.channels = 2 * grid, 3
+  return c
+
+
+def compare(gpt, gen, grid: int, batch: int) -> dict:
+  import torch  # noqa: PLC0415
+
+  from arvision import families  # noqa: PLC0415
+  from arvision.convert import common  # noqa: PLC0415
+  from arvision.convert import nar as cn  # noqa: PLC0415
+
+  N = grid * grid
+  args = gpt.ModelArgs(
+    block_size=N,
+    medusa_attention_num=1,
+    token_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    ffn_dropout_p=0.0,
+    **SMALL,
+  )
+  model = gpt.Transformer(args)
+  with torch.no_grad():  # the head is zero-initialised: give it weights
+    model.output.weight.normal_(0, 0.05)
+    for layer in model.layers:
+      layer.attention_norm.weight.add_(0.1 * torch.randn_like(layer.attention_norm.weight))
+  model.cls_embedding.dropout_prob = 0.0  # keep the table (with the null class), drop no labels
+  config = small_config(grid)
+  tok = families.build(config.tokenizer.config)
+  sd = common.unwrap_state_dict(model.state_dict())
+  params = cn.convert_gpt(sd, config, tok)
+  fam = families.build(config, tokenizer=tok)
+  params = {**params, "tokenizer": tok.init(jax.random.key(0), None)}
+  labels = torch.randint(0, SMALL["num_classes"], (batch,))
+  codes = torch.randint(0, SMALL["vocab_size"], (batch, N))  # raster
+  # the official training mask (train_c2i.py): causal, the token block replaced by proximity
+  mask = torch.tril(torch.ones(N + 1, N + 1, dtype=torch.bool))
+  model.setup_proximity_mask(mask[-N:, -N:], N)
+  mask = mask.unsqueeze(0).repeat(batch, 1, 1)
+  model.train()  # the official training forward (dropouts are 0)
+  with torch.no_grad():
+    logits_t, _ = model(cond_idx=labels, idx=codes, targets=codes, mask=mask)
+  order = fam.order  # anti-diagonal order (ours) of the raster positions
+  logits_j = fam.apply(params, jnp.asarray(labels.numpy()), jnp.asarray(codes.numpy()[:, order]))
+  row = dict(
+    grid=grid,
+    num_tokens=N,
+    official_keys=len(sd),
+    logits_max_abs_diff=float(np.abs(np.asarray(logits_j) - logits_t.numpy()[:, order]).max()),
+    logits_max_abs=float(np.abs(logits_t.numpy()).max()),
+  )
+  model.eval()
+  with torch.no_grad():
+    seq_t = gen.generate(model, labels, N, cfg_scale=2.0, top_k=1, top_p=1.0)
+  _, grid_j, _, stats = fam.sample_tokens(
+    params,
+    jnp.asarray(labels.numpy()),
+    jax.random.key(0),
+    cfg=2.0,
+    top_k=1,
+    top_p=1.0,
+    return_stats=True,
+  )
+  row["greedy_cfg_tokens_equal_frac"] = float(np.mean(np.asarray(grid_j) == seq_t.numpy()))
+  row["model_calls_per_image"] = int(stats["calls"][0])
+  row["official_model_calls"] = 2 * grid - 1  # prefill + one call per later anti-diagonal
+  return row
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--reference", required=True, help="a checkout of ThisisBillhe/NAR")
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--out", default="experiments/results/parity_nar_official.json")
+  args = ap.parse_args()
+  import torch  # noqa: PLC0415
+
+  gpt, gen = _imports(args.reference)
+  torch.manual_seed(0)
+  rec = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "torch": torch.__version__}
+  rec["platform"] = platform.platform()
+  rec["dtype"] = "float32"
+  rec["command"] = (
+    "python experiments/parity_nar_official.py --reference NAR --batch "
+    f"{args.batch} --out {args.out}"
+  )
+  rec["rows"] = [compare(gpt, gen, 4, args.batch), compare(gpt, gen, 8, args.batch)]
+  rec["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+  print(json.dumps(rec, indent=2))
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(rec, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
