@@ -184,9 +184,7 @@ def main():
   result = dict(
     what="arvision FlexVAR/FlexVAE vs official jiaosiyu1999/FlexVAR, same random weights, CPU fp32",
     command="python experiments/parity_flexvar_official.py --reference <FlexVAR checkout> "
-    + " ".join(
-      f"--{k} {v}" for k, v in (("depth", args.depth), ("batch", args.batch), ("vocab", args.vocab))
-    ),
+    + " ".join(f"--{k} {getattr(args, k)}" for k in ("depth", "batch", "vocab", "vae_ch")),
     depth=args.depth,
     batch=args.batch,
     vocab=args.vocab,
