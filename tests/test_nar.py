@@ -58,6 +58,7 @@ def test_diagonal_order_and_lengths():
   assert order.tolist() == [0, 1, 3, 2, 4, 6, 5, 7, 8]
 
 
+@pytest.mark.slow  # compiles a vmapped backward pass: over the make-test budget
 def test_token_depends_on_earlier_anti_diagonals_only(model):
   """By gradient: the logits of each token (decoding order) against every fed embedding; the
   official rule: it sees tokens with h' + w' < h + w (its own anti-diagonal's outputs predict the
@@ -88,7 +89,7 @@ def test_token_depends_on_earlier_anti_diagonals_only(model):
     assert seen == set(np.nonzero(c < c[t])[0].tolist()), (t, sorted(seen))
 
 
-@pytest.mark.slow  # compiles the sampler (tens of seconds on 2 cores)
+@pytest.mark.slow  # compiles the sampler: over the make-test budget
 def test_sampler_equals_teacher_forcing_and_counts_calls(model):
   fam, p = model
   labels = jnp.array([0, 3])

@@ -57,6 +57,7 @@ def visible_tokens(t: int) -> set:
   return set(range(t)) if t < M else set(range((t // M) * M))
 
 
+@pytest.mark.slow  # compiles a vmapped backward pass: over the make-test budget
 def test_token_depends_only_on_what_it_may_see(model):
   """By gradient: logits of token t against the embedding of each fed token."""
   fam, p = model
@@ -85,7 +86,7 @@ def test_token_depends_only_on_what_it_may_see(model):
     assert trans == (set(range(M + 1, 2 * M)) if t >= M else set()), (t, trans)
 
 
-@pytest.mark.slow  # compiles the sampler (tens of seconds on 2 cores)
+@pytest.mark.slow  # compiles the sampler: over the make-test budget
 def test_sampler_equals_teacher_forcing_and_counts_calls(model):
   fam, p = model
   labels = jnp.array([0, 3])
@@ -99,7 +100,7 @@ def test_sampler_equals_teacher_forcing_and_counts_calls(model):
   assert stats["calls"].tolist() == [M + N // M - 1] * 2
 
 
-@pytest.mark.slow  # compiles the sampler (tens of seconds on 2 cores)
+@pytest.mark.slow  # compiles the sampler: over the make-test budget
 def test_guided_sampler_matches_guided_teacher_forcing(model):
   fam, p = model
   labels = jnp.array([2])

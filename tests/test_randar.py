@@ -57,6 +57,7 @@ def model():
   return fam, {**p, "tokenizer": tok.init(None)}
 
 
+@pytest.mark.slow  # compiles a vmapped backward pass: over the make-test budget
 def test_token_sees_earlier_tokens_and_its_own_instruction_only(model):
   """By gradient: the logits of token t against every input slot (class, q_u, x_u)."""
   fam, p = model
@@ -96,7 +97,7 @@ def test_instruction_names_the_target_position(model):
   assert np.abs(a[:, -1] - b[:, -1]).max() > 1e-3
 
 
-@pytest.mark.slow  # compiles the sampler (tens of seconds on 2 cores)
+@pytest.mark.slow  # compiles the sampler: over the make-test budget
 def test_one_token_per_call_equals_teacher_forcing(model):
   fam, p = model
   labels = jnp.array([0, 3])
@@ -112,7 +113,7 @@ def test_one_token_per_call_equals_teacher_forcing(model):
   assert stats["calls"].tolist() == [N, N]
 
 
-@pytest.mark.slow  # compiles the sampler (tens of seconds on 2 cores)
+@pytest.mark.slow  # compiles the sampler: over the make-test budget
 def test_parallel_calls_equal_a_plain_forward_of_the_official_step_inputs(model):
   """Step s of the cached sampler = the logits of the queries q_a .. q_{a+n-1} placed side by
   side after `class, q_0, x_0, ..., q_{a-1}, x_{a-1}` (official), run without a cache."""
