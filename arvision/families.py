@@ -18,6 +18,7 @@ FAMILIES = {
   "par": "arvision.models.par",
   "randar": "arvision.models.randar",
   "nar": "arvision.models.nar",
+  "xar": "arvision.models.xar",
 }
 
 

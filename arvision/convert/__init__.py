@@ -14,4 +14,5 @@ CONVERTERS = {
   "par": "arvision.convert.par:main_par",
   "randar": "arvision.convert.randar:main_randar",
   "nar": "arvision.convert.nar:main_nar",
+  "xar": "arvision.convert.xar:main_xar",
 }

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ModelFn = Callable[..., jax.Array]
 
@@ -103,6 +104,57 @@ class FlowMatching:
       return x + dt * drift + (1.0 - last) * g * dw
 
     return jax.lax.fori_loop(0, num_steps, body, noise)
+
+  def sample_on_grid(
+    self,
+    model_fn: ModelFn,
+    noise: jax.Array,
+    times,
+    rng: jax.Array | None = None,
+    diffusion_scale=0.0,
+    model_times=None,
+    pass_step: bool = False,
+    **model_kwargs,
+  ) -> jax.Array:
+    """Euler (`diffusion_scale` 0) or Euler-Maruyama (the SDE of the module docstring) on a
+    given grid `times [S + 1]` (host numpy, increasing from noise towards data): S steps, step i
+    from `times[i]` to `times[i + 1]`, drawing from `fold_in(rng, i)`; the last step is
+    noiseless. Step i calls `model_fn(x, model_times[i])` (default `times[i]`): a network with
+    its own time convention (xAR's noise level `1 - t`) gets its own values, computed on the host
+    in float64 like the official grids, so its time embedding sees the same float32 numbers.
+    With `pass_step` the call is `model_fn(x, t, i)` (per-step host tables, e.g. a CFG interval)."""
+    times = np.asarray(times, np.float64)
+    if times.ndim != 1 or times.size < 2 or np.any(np.diff(times) <= 0):
+      raise ValueError(f"times must be an increasing 1-D grid of >= 2 points, got {times}")
+    S = times.size - 1
+    model_times = times[:-1] if model_times is None else np.asarray(model_times)
+    if model_times.shape != (S,):
+      raise ValueError(f"model_times must have {S} entries (one per step), got {model_times.shape}")
+    if rng is None and not (isinstance(diffusion_scale, (int, float)) and diffusion_scale == 0):
+      raise ValueError("sample_on_grid: an Euler-Maruyama run (diffusion_scale != 0) needs an rng")
+    t_S = jnp.asarray(times[:-1], jnp.float32)
+    dt_S = jnp.asarray(np.diff(times), jnp.float32)
+    mt_S = jnp.asarray(model_times, jnp.float32)
+    B = noise.shape[0]
+
+    def body(i, x):
+      t_model = jnp.full((B,), mt_S[i], jnp.float32)
+      v = (
+        model_fn(x, t_model, i, **model_kwargs)
+        if pass_step
+        else model_fn(x, t_model, **model_kwargs)
+      )
+      tb, dt = jnp.full((B,), t_S[i], jnp.float32), dt_S[i]
+      if rng is None:
+        return x + dt * v
+      tb = _bcast(tb, x)
+      drift = v - diffusion_scale * (x - tb * v)
+      g = jnp.sqrt(2.0 * diffusion_scale * (1.0 - tb))
+      dw = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype) * jnp.sqrt(dt)
+      last = (i == S - 1).astype(x.dtype)
+      return x + dt * drift + (1.0 - last) * g * dw
+
+    return jax.lax.fori_loop(0, S, body, noise)
 
 
 __all__ = ["FlowMatching"]
