@@ -75,7 +75,9 @@ _FORMAT = flags.DEFINE_enum(
   "PyTorch state dict: .pth for VAR / LlamaGen / MAR and their tokenizers)",
 )
 _PATCH_NUMS = flags.DEFINE_string(
-  "patch_nums", None, "convert var|hmar: the scale schedule when it cannot be inferred, e.g. 1,2,4"
+  "patch_nums",
+  None,
+  "convert var|hmar|mvar: the scale schedule when it cannot be inferred, e.g. 1,2,4",
 )
 _NUM_HEADS = flags.DEFINE_integer(
   "num_heads",
@@ -114,7 +116,7 @@ _VIEWS = flags.DEFINE_enum(
 _VAE = flags.DEFINE_string(
   "vae",
   None,
-  "convert var|hmar|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
+  "convert var|hmar|mvar|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
 )
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "compile: a TPU slice, <chip>:<shape>, e.g. v5p:4x4x8, v6e:16x16, v5e:16x16"
@@ -259,6 +261,10 @@ def _convert(argv):
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },
     "hmar": lambda: {
+      "vae": _require(_VAE, "vae"),
+      "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
+    },
+    "mvar": lambda: {
       "vae": _require(_VAE, "vae"),
       "patch_nums": [int(p) for p in _PATCH_NUMS.value.split(",")] if _PATCH_NUMS.value else None,
     },

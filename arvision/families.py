@@ -19,6 +19,7 @@ FAMILIES = {
   "randar": "arvision.models.randar",
   "nar": "arvision.models.nar",
   "xar": "arvision.models.xar",
+  "mvar": "arvision.models.mvar",
 }
 
 

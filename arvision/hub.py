@@ -157,6 +157,7 @@ def detect_kind(path: str) -> str:
 
   keys = set(common.unwrap_state_dict(obj, path))
   rules = [
+    ("mvar", "blocks.0.mamba.in_proj.weight"),  # before var: M-VAR blocks have attn too
     ("var", "blocks.0.attn.mat_qkv.weight"),
     ("var_vae", "quantize.quant_resi."),
     ("llamagen", "tok_embeddings.weight"),

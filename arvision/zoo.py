@@ -183,7 +183,12 @@ ENTRIES: dict[str, Entry] = {
 }
 
 # The tokenizer a generator converted from an `hf://` file gets when none is named.
-DEFAULT_TOKENIZER = {"var": "var-vae", "llamagen": "llamagen-vq16", "mar": "mar-kl16"}
+DEFAULT_TOKENIZER = {
+  "var": "var-vae",
+  "mvar": "var-vae",  # M-VAR uses VAR's VQVAE
+  "llamagen": "llamagen-vq16",
+  "mar": "mar-kl16",
+}
 
 
 def get(name: str) -> Entry:

@@ -4,6 +4,7 @@ CONVERTERS = {
   "var_vae": "arvision.convert.var:main_var_vae",
   "var": "arvision.convert.var:main_var",
   "hmar": "arvision.convert.hmar:main_hmar",
+  "mvar": "arvision.convert.mvar:main_mvar",
   "mar_vae": "arvision.convert.mar:main_mar_vae",
   "mar": "arvision.convert.mar:main_mar",
   "llamagen_vq": "arvision.convert.llamagen:main_llamagen_vq",

@@ -133,22 +133,7 @@ class VAR(nn.Module):
         dtype=dtype,
       )
     dpr = drop_path_rates(self.drop_path_rate, self.depth)
-    self.blocks = [
-      AdaLNSelfAttn(
-        num_heads=self.num_heads,
-        mlp_ratio=self.mlp_ratio,
-        drop_path_rate=dpr[i],
-        attn_l2_norm=self.attn_l2_norm,
-        shared_aln=self.shared_aln,
-        depth=self.depth,
-        init_std=std,
-        aln=self.aln,
-        alng=self.alng,
-        norm_eps=self.norm_eps,
-        attn_impl=self.attn_impl,
-      )
-      for i in range(self.depth)
-    ]
+    self.blocks = [self._make_block(dpr[i], std) for i in range(self.depth)]
     self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
     if self.head_kind != "categorical":
       self.head = heads_lib.head_class(self.head_kind)(
@@ -159,6 +144,24 @@ class VAR(nn.Module):
       self.vocab_size,
       kernel_init=param_init(scaled_init(tn, self.init_head), ("embed", "vocab")),
       bias_init=param_init(zeros, ("vocab",)),
+    )
+
+  def _make_block(self, drop_path_rate: float, init_std: float) -> nn.Module:
+    """One transformer block (VAR's `AdaLNSelfAttn`; a successor with another block, e.g.
+    M-VAR's attention + Mamba2 + FFN, overrides this). The block takes `(x, cond, mask=,
+    deterministic=, cache=, cache_index=)` and returns `(x, new_cache)`."""
+    return AdaLNSelfAttn(
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      drop_path_rate=drop_path_rate,
+      attn_l2_norm=self.attn_l2_norm,
+      shared_aln=self.shared_aln,
+      depth=self.depth,
+      init_std=init_std,
+      aln=self.aln,
+      alng=self.alng,
+      norm_eps=self.norm_eps,
+      attn_impl=self.attn_impl,
     )
 
   def _setup_positions(self, first_l: int, auto_std: float, tn, dtype):
@@ -470,11 +473,7 @@ class VARFamily(Generator):
     pns = self.sample_patch_nums
     B, n, Cvae = labels.shape[0], len(pns), mod.cvae
     x, cond_2BxD = mod.apply(var_vars, self.labels_2B(labels), method=VAR.first_tokens)
-    caches = None
-    if mod.mask == "scale_causal":  # block_diagonal: a scale sees only itself, nothing to cache
-      hd = mod.width // mod.num_heads
-      L = sum(pn * pn for pn in pns)
-      caches = init_kv_caches(mod.depth, 2 * B, L, mod.num_heads, hd, x.dtype)
+    caches = self.init_caches(2 * B, x.dtype)
     codebook_VxC = self.tokenizer.codebook(tok_p).astype(jnp.float32)
     state = self.sample_scales.init_state(B, Cvae)
     idx_out, logits_out = [], []
@@ -508,6 +507,17 @@ class VARFamily(Generator):
         x = jnp.concatenate([x, x], axis=0)
     img_u8 = self.decode_images(params, state, "decode_fhat")
     return img_u8, idx_out, (logits_out if return_logits else None)
+
+  def init_caches(self, batch: int, dtype) -> list | None:
+    """The per-block decoding caches `VAR.step` threads through the scales: KV caches for
+    `scale_causal`; None for `block_diagonal` (a scale sees only itself, nothing to cache). A
+    successor whose blocks carry another state (M-VAR: Mamba2's) overrides this."""
+    mod = self.module
+    if mod.mask != "scale_causal":
+      return None
+    hd = mod.width // mod.num_heads
+    L = sum(pn * pn for pn in self.sample_patch_nums)
+    return init_kv_caches(mod.depth, batch, L, mod.num_heads, hd, dtype)
 
   def refine_scale(self, params, si, x_2BxlxC, cond_2BxD, idx_Bl, filtered_BxlxV, rng, knobs):
     """A successor's extra steps inside scale `si` once its tokens are drawn (HMAR: masked

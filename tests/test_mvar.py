@@ -1,0 +1,77 @@
+"""M-VAR (`arvision/models/mvar.py`): what is specific to it (the family contract tests run it too).
+
+Attention stays inside a scale and Mamba2 carries the coarser scales, so (1) the logits of scale
+k depend on the inputs of every scale <= k and on none after it, and (2) decoding scale by scale
+with each block's Mamba2 state gives the teacher-forced logits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arvision import families
+from arvision.models import var as var_lib
+
+
+def _known_tokens(fam, batch, seed=0):
+  r = np.random.default_rng(seed)
+  V = fam.module.vocab_size
+  return [jnp.asarray(r.integers(0, V, (batch, pn * pn)), jnp.int32) for pn in fam.patch_nums]
+
+
+def test_scale_by_scale_decoding_with_mamba_state_matches_teacher_forcing(smoke):
+  s = smoke("mvar")
+  fam, params = s.family, s.params
+  assert len(fam.patch_nums) >= 3
+  labels = jnp.array([0, 3])
+  gt = _known_tokens(fam, 2)
+  tp = params["tokenizer"]
+  teacher = fam.scales.teacher(tp, gt, fam.tokenizer.codebook(tp))
+  full = np.asarray(fam.apply(params, labels, teacher))
+  masks_all = [jnp.ones_like(i, bool) for i in gt]
+  _, idx, logits = fam.sample_tokens(
+    params, labels, jax.random.key(0), known_idx=gt, known_mask=masks_all,
+    cfg=0.0, top_k=0, top_p=0.0, return_logits=True,
+  )  # fmt: skip
+  for si, (b, e) in enumerate(var_lib.scale_bounds(fam.patch_nums)):
+    np.testing.assert_allclose(logits[si], full[:, b:e], atol=1e-4, rtol=1e-4, err_msg=str(si))
+    np.testing.assert_array_equal(idx[si], gt[si])
+
+
+def test_logits_of_a_scale_see_every_earlier_scale_and_no_later_one(smoke):
+  s = smoke("mvar")
+  fam, params = s.family, s.params
+  labels = jnp.array([1, 4])
+  tp = params["tokenizer"]
+  teacher = fam.scales.teacher(tp, _known_tokens(fam, 2, 1), fam.tokenizer.codebook(tp))
+  # Teacher row j is the input of token j + 1 (token 0 is the class token).
+  seg = np.concatenate([np.full(n, k) for k, n in enumerate(fam.lengths)])[1:]
+  w = jax.random.normal(jax.random.key(2), (2, fam.seq_len, fam.module.vocab_size))
+  bounds = var_lib.scale_bounds(fam.patch_nums)
+
+  @jax.jit
+  def grads(t):
+    def f(t, b, e):
+      return jnp.sum(fam.apply(params, labels, t)[:, b:e] * w[:, b:e])
+
+    return [jax.grad(f)(t, b, e) for b, e in bounds]
+
+  for k, g in enumerate(grads(teacher)):
+    g = np.abs(np.asarray(g)).sum(axis=(0, 2))
+    assert np.all(g[seg > k] == 0.0), k  # causal across scales
+    assert np.all(g[seg <= k] > 0.0), k  # Mamba2 reaches back to every earlier input
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("model.mask", "scale_causal", "block_diagonal"),
+    ("model.shared_aln", True, "shared_aln"),
+    ("model.headdim", 48, "not divisible by headdim=48"),
+  ],
+)
+def test_bad_settings_are_named(field, value, match, configs):
+  config = configs.smoke("mvar", **{field: value})
+  with pytest.raises(ValueError, match=match):
+    families.build(config, tokenizer=families.build(config.tokenizer.config))
