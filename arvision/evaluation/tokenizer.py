@@ -51,7 +51,11 @@ class Evaluator(fid.ImageEvaluator):
     metrics = dict(
       psnr=float(np.mean(np.concatenate(psnr))), ssim=float(np.mean(np.concatenate(ssim)))
     )
-    if codes:
+    if codes and getattr(family, "type", None) == "bsq":  # bits [N, L, d]: no codebook to count
+      from arvision.tokenizers.bsq import bit_stats
+
+      metrics.update({k: float(v) for k, v in bit_stats([np.concatenate(codes)]).items()})
+    elif codes:
       metrics.update(tm.codebook_usage(np.concatenate(codes), family.vocab_size))
     record = {}
     if inc is not None:
