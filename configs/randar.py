@@ -3,7 +3,8 @@
   arvision train --config configs/randar.py:fmnist --workdir runs/randar
 
 Variants (`configs/randar.py:<variant>[,image_size=...]`): every `configs/raster.py` variant (the
-official sizes `L` (RandAR-L 0.3B) and `XL` (RandAR-XL 0.7B) among them, `fmnist`, `smoke`) with
+official sizes `L` (RandAR-L 0.3B) and `XL` (RandAR-XL 0.7B) among them, at 256 px unless
+`image_size=` says otherwise; `fmnist`, `smoke`) with
 a random order per example (`model.order = "random"`), RandAR's parallel decoding
 (`model.schedule = "randar"`: 88 calls for 256 tokens, the official `num_inference_steps`; the
 same fraction, N * 88 / 256 calls, for smaller grids) and guidance ramping from
@@ -22,7 +23,9 @@ OFFICIAL_STEPS, OFFICIAL_TOKENS = 88, 256
 
 def get_config(arg=None) -> mlc.ConfigDict:
   args = parse_arg(arg, variant="fmnist", image_size=0)
-  spec = args.variant + (f",image_size={args.image_size}" if args.image_size else "")
+  official = args.variant in ("B", "L", "XL", "XXL", "3B")
+  size = args.image_size or (256 if official else 0)  # every released RandAR is ImageNet 256
+  spec = args.variant + (f",image_size={size}" if size else "")
   c = mlc.ConfigDict(load_config_file(f"raster.py:{spec}").to_dict())  # unlocked copy
   c.family = "randar"
   c.model.order = "random"
@@ -31,6 +34,6 @@ def get_config(arg=None) -> mlc.ConfigDict:
   c.model.schedule_steps = max(1, round(side * side * OFFICIAL_STEPS / OFFICIAL_TOKENS))
   c.sample.cfg_start = 1.0
   del c.sample["cfg_interval"]  # RandAR ramps guidance (cfg_start -> cfg) instead
-  if args.variant in ("L", "XL", "XXL", "3B", "B"):
+  if official:
     c.sample.cfg = 4.0
   return c
