@@ -19,6 +19,7 @@ On CPU the kernel runs in Pallas interpret mode (`interpret=None` picks it from 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 
@@ -78,9 +79,13 @@ def splash_kernel(
     block_q_dq=block_q,
     block_kv_dq=block_k,
   )
-  # Mask info arrays must be concrete: the cache outlives any jit trace that first builds it.
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha_single_device(multi, block_sizes=blocks, interpret=interpret)
+  # Mask info arrays must be concrete: the cache outlives any trace that first builds it. JAX's
+  # trace state is per thread, so a fresh thread builds them outside every trace (inside an
+  # `nn.scan` body `ensure_compile_time_eval` still hands back tracers that leak into the next).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(
+      splash.make_splash_mha_single_device, multi, block_sizes=blocks, interpret=interpret
+    ).result()
 
 
 def _pad_len(x, size):
