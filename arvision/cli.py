@@ -19,6 +19,7 @@
     arvision convert flexvar_vae FlexVAE.pth --out runs/flexvae
     arvision convert flexvar FlexVARd16-epo179.pth --vae runs/flexvae --out runs/flexvar_d16
     arvision convert infinity_vae infinity_vae_d32reg.pth --out runs/infinity_vae_d32
+    arvision convert infinity infinity_2b_reg.pth --vae runs/infinity_vae_d32 --out runs/infinity_2b
     arvision convert mar_vae kl16.ckpt --out runs/kl16
     arvision convert mar checkpoint-last.pth --vae runs/kl16 --ema --out runs/mar_b
     arvision compile --config configs/var.py:d30 --topology v5p:4x4x8 --config.sharding.strategy=fsdp
@@ -116,7 +117,7 @@ _VIEWS = flags.DEFINE_enum(
 _VAE = flags.DEFINE_string(
   "vae",
   None,
-  "convert var|hmar|mvar|llamagen|mar|flexvar: the converted tokenizer dir or the official checkpoint",
+  "convert var|hmar|mvar|llamagen|mar|flexvar|infinity: the converted tokenizer dir or the official checkpoint",
 )
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "compile: a TPU slice, <chip>:<shape>, e.g. v5p:4x4x8, v6e:16x16, v5e:16x16"
@@ -273,6 +274,7 @@ def _convert(argv):
     "randar": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
     "nar": lambda: {"vae": _VAE.value, "num_heads": _NUM_HEADS.value},
     "flexvar": lambda: {"vae": _require(_VAE, "vae")},
+    "infinity": lambda: {"vae": _require(_VAE, "vae")},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
     "xar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
   }.get(argv[1], dict)()

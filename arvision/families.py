@@ -20,6 +20,7 @@ FAMILIES = {
   "nar": "arvision.models.nar",
   "xar": "arvision.models.xar",
   "mvar": "arvision.models.mvar",
+  "infinity": "arvision.models.infinity",
 }
 
 

@@ -5,6 +5,7 @@ CONVERTERS = {
   "var": "arvision.convert.var:main_var",
   "hmar": "arvision.convert.hmar:main_hmar",
   "mvar": "arvision.convert.mvar:main_mvar",
+  "infinity": "arvision.convert.infinity:main_infinity",
   "mar_vae": "arvision.convert.mar:main_mar_vae",
   "mar": "arvision.convert.mar:main_mar",
   "llamagen_vq": "arvision.convert.llamagen:main_llamagen_vq",
