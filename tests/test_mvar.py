@@ -20,6 +20,7 @@ def _known_tokens(fam, batch, seed=0):
   return [jnp.asarray(r.integers(0, V, (batch, pn * pn)), jnp.int32) for pn in fam.patch_nums]
 
 
+@pytest.mark.slow  # ~45 CPU-s (sampler compile); the contract tests sample mvar too
 def test_scale_by_scale_decoding_with_mamba_state_matches_teacher_forcing(smoke):
   s = smoke("mvar")
   fam, params = s.family, s.params
@@ -39,6 +40,7 @@ def test_scale_by_scale_decoding_with_mamba_state_matches_teacher_forcing(smoke)
     np.testing.assert_array_equal(idx[si], gt[si])
 
 
+@pytest.mark.slow
 def test_logits_of_a_scale_see_every_earlier_scale_and_no_later_one(smoke):
   s = smoke("mvar")
   fam, params = s.family, s.params

@@ -51,15 +51,25 @@ def _objective(fn):
   return f
 
 
-@pytest.mark.parametrize("chunk", [1, 5])
-def test_chunked_equals_the_float64_recurrence_forward_and_gradients(chunk):
+@pytest.fixture(scope="module")
+def reference():
+  """The float64 loop's outputs and gradients (computed once)."""
   args = _inputs()
   with jax.enable_x64(True):
     y_ref, s_ref = _loop(*args)
+    g_ref = jax.grad(_objective(_loop), argnums=tuple(range(6)))(*args)
+  return args, np.asarray(y_ref), np.asarray(s_ref), [np.asarray(g) for g in g_ref]
+
+
+# chunk 5: two whole chunks and a padded one (the general case); 1: every token its own chunk.
+@pytest.mark.parametrize("chunk", [5, pytest.param(1, marks=pytest.mark.slow)])
+def test_chunked_equals_the_float64_recurrence_forward_and_gradients(chunk, reference):
+  args, y_ref, s_ref, g_ref = reference
+  with jax.enable_x64(True):
     y, s = ssd_chunked(*args[:5], chunk=chunk, initial_state=args[5])
+    assert y.dtype == jnp.float64
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(s, s_ref, rtol=1e-10, atol=1e-10)
-    g_ref = jax.grad(_objective(_loop), argnums=tuple(range(6)))(*args)
     chunked = lambda x, dt, A, B, C, s0: ssd_chunked(x, dt, A, B, C, chunk, s0)  # noqa: E731
     g = jax.grad(_objective(chunked), argnums=tuple(range(6)))(*args)
     for name, a, b in zip(("x", "dt", "A", "B", "C", "initial_state"), g, g_ref, strict=True):
@@ -72,6 +82,7 @@ def test_chunked_equals_the_float64_recurrence_forward_and_gradients(chunk):
   np.testing.assert_allclose(s32, s_ref, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_recurrent_reference_and_zero_initial_state():
   args = _inputs(3, np.float32)
   zero = np.zeros_like(args[5])
@@ -105,6 +116,7 @@ def test_bad_shapes_are_named():
     ssd_chunked(x, dt, A, B, C, chunk=0)
 
 
+@pytest.mark.slow  # covered in the default run by test_mvar's decoding test
 def test_mamba2_layer_state_cache_equals_full_forward():
   """Feeding the layer scale by scale with its (conv, ssm) state gives the full call's outputs
   (the M-VAR sampler's cache), for any chunk length."""
