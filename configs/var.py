@@ -146,10 +146,12 @@ def _model(depth, width=0, heads=0, alng=1e-5, saln=False, drop_path_rate=None):
   )
 
 
-def _tokenizer(spec: str, patch_nums=None) -> mlc.ConfigDict:
+def _tokenizer(spec: str, patch_nums=None, image_size=None) -> mlc.ConfigDict:
   tok = mlc.ConfigDict(load_config_file(spec).to_dict())  # unlocked copy
   if patch_nums is not None:
     tok.model.patch_nums = tuple(patch_nums)
+  if image_size is not None:  # the 512px models: the same VQVAE on a 32x32 latent
+    tok.data.image_size = image_size
   return mlc.ConfigDict(dict(config=tok, checkpoint=""))
 
 
@@ -166,7 +168,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
     v = VAR_MODELS[base]
     c.model = _model(v["depth"], alng=v["alng"], saln=v["saln"])
     pn = PATCH_NUMS_512 if v["reso"] == 512 else None
-    c.tokenizer = _tokenizer("tokenizer.py:var_vae", pn)
+    c.tokenizer = _tokenizer("tokenizer.py:var_vae", pn, v["reso"])
     c.data.source = "tfds:imagenet2012"
     c.data.image_size = v["reso"]
     c.data.channels = 3

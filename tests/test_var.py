@@ -425,6 +425,7 @@ def test_configs_official_variants():
   d36 = config_util.load_config_file("var.py:d36")
   assert d36.model.shared_aln and d36.model.depth == 36 and d36.data.image_size == 512
   assert tuple(d36.tokenizer.config.model.patch_nums)[-1] == 32
+  assert d36.tokenizer.config.data.image_size == 512  # the latent side 32 = 512 / 16
   with pytest.raises(ValueError, match="variant"):
     config_util.load_config_file("var.py:d17")
 
