@@ -6,9 +6,11 @@ Variants (`configs/mvar.py:<variant>`):
 - `d12`, `d16`, `d20`, `d24`, `d30`: the official ImageNet 256x256 models and their README
   training commands (VAR's recipe and tokenizer `var_vae`; width 64 * depth, heads = depth).
   `d32` (the released M-VAR-d32, FID 1.78): no training command is published; it takes d30's.
-  `attn_l2_norm` is False for d12/d16/d20 (the README: "for small size model (d16, d20), please
-  set attn_l2_norm=False"; the converter reads it from the checkpoint anyway) and True (the
-  official default) for the others. Sampling: cfg 1.5, top_k 900, top_p 0.96 (README, FID).
+  `attn_l2_norm` is False for d16/d20 (the README: "for small size model (d16, d20), please
+  set attn_l2_norm=False") and, by assumption (the README names only those two), for the smaller
+  d12; True (the official default) for the others. The converter reads it from the checkpoint
+  (whether `scale_mul_1H11` is there), so a converted model is right either way. d16 has
+  464,157,184 parameters, the official module's count (tests/test_convert_mvar.py). Sampling: cfg 1.5, top_k 900, top_p 0.96 (README, FID).
 - `fmnist`: a small M-VAR for Fashion-MNIST on `tokenizer.py:fmnist_msvq` (`var.py:fmnist`'s
   sizes and recipe).
 - `smoke`: tiny, on `tokenizer.py:smoke`; runs in seconds (tests).
