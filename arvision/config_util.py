@@ -157,6 +157,10 @@ def add_common_model_fields(config: mlc.ConfigDict) -> None:
   if "model" in config and "dtype" not in config.model:
     # Compute dtype (float32 | bfloat16); params and optimizer state stay float32.
     config.model.dtype = "float32"
+  generator = config.get("family") not in ("tokenizer", "classifier")
+  if "model" in config and "scan_layers" not in config.model and generator:
+    # The transformer blocks as one nn.scan over stacked params (arvision.models.scan_layers).
+    config.model.scan_layers = False
 
 
 def to_json(config: mlc.ConfigDict) -> str:

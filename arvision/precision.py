@@ -128,6 +128,11 @@ def policy_of(config) -> Policy:
 # --- model code ---------------------------------------------------------------------------------
 
 
+def remat_policy():
+  """The checkpoint policy of the current remat mode (None: blocks are not checkpointed)."""
+  return _POLICIES[current().remat]
+
+
 def block(module: nn.Module, *args, **kwargs):
   """Calls a transformer block under the current remat mode.
 

@@ -27,6 +27,7 @@ from arvision import checkpoint as ckpt_lib
 from arvision import config_util, data, errors, families, optim, parallel, precision
 from arvision.family import Family
 from arvision.metrics_writer import MetricsWriter
+from arvision.models import scan_layers
 from arvision.workdir_lock import WorkdirLock
 
 # Fields that may change when a run resumes (everything else must match the saved config).
@@ -534,6 +535,8 @@ def _init_from(path: str, params):
   """Loads matching params from another checkpoint (fine-tuning); shapes must match."""
   loaded = ckpt_lib.load_params(path)
   src = loaded.get("ema", loaded["params"])
+  # Unrolled blocks (e.g. converted official weights) into a scanned model, or the reverse.
+  src = scan_layers.to_layout(dict(src), params)
   flat_src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(src)}
 
   def pick(key_path, leaf):

@@ -95,14 +95,8 @@ def mesh_for(strategy: str, n: int, heads: int, batch: int) -> tuple[dict | None
 # Model
 
 
-def build(spec: str, batch: int | None, seed: int = 0, fields: str = ""):
-  """`(config, family, frozen)` for a config spec, random tokenizer weights (no training).
-
-  `fields`: comma-separated `dotted.field=value` overrides (`--set model.dtype=bfloat16`)."""
-  config = config_util.load_config_file(spec)
-  with config.unlocked():
-    if batch:
-      config.data.batch_size = batch
+def set_fields(config, fields: str):
+  """`config` with comma-separated `dotted.field=value` overrides (`--set`) applied."""
   for item in filter(None, fields.split(",")):
     key, _, text = item.partition("=")
     *parents, leaf = key.strip().split(".")
@@ -114,6 +108,18 @@ def build(spec: str, batch: int | None, seed: int = 0, fields: str = ""):
     except (ValueError, SyntaxError):
       value = text  # a bare word: a string
     node[leaf] = value  # the config is locked: an unknown field raises
+  return config
+
+
+def build(spec: str, batch: int | None, seed: int = 0, fields: str = ""):
+  """`(config, family, frozen)` for a config spec, random tokenizer weights (no training).
+
+  `fields`: comma-separated `dotted.field=value` overrides (`--set model.dtype=bfloat16`)."""
+  config = config_util.load_config_file(spec)
+  with config.unlocked():
+    if batch:
+      config.data.batch_size = batch
+  set_fields(config, fields)
   tok = families.build(config.tokenizer.config) if families.needs_tokenizer(config) else None
   fam = families.build(config, tokenizer=tok)
   frozen = {}
@@ -244,6 +250,7 @@ def topology_row(spec, config, fam, frozen, model, topology, strategy, mesh, rep
     mesh={k: v for k, v in mesh.items() if v > 1},
     batch=B,
     per_chip_batch=B / shards,
+    scan_layers=bool(config.model.get("scan_layers", False)),
     fits=r["fits"],
     needed_bytes=needed,
     hbm_bytes=chip.hbm_bytes,
@@ -277,7 +284,9 @@ def run_topologies(args) -> dict:
       rep = json.load(f)
     c = rep["config"]
     spec = f"{c['family']}.py:{c['variant']}"
-    config = config_util.load_config_file(os.path.join("configs", spec))
+    config = set_fields(config_util.load_config_file(os.path.join("configs", spec)), args.set)
+    if c.get("scan_layers"):  # the report's layout
+      set_fields(config, "model.scan_layers=True")
     fam, frozen = aot.abstract_family(config)
     model = cost.model_from_family(spec, config, fam)
     row = topology_row(
@@ -293,7 +302,7 @@ def run_topologies(args) -> dict:
   done = {(r["model"], r["topology"], r["strategy"]) for r in out["rows"]}
   for spec in filter(None, args.models.split(",")):
     path = spec if os.path.exists(spec) else os.path.join("configs", spec)
-    config = config_util.load_config_file(path)
+    config = set_fields(config_util.load_config_file(path), args.set)
     fam, frozen = aot.abstract_family(config)
     model = cost.model_from_family(spec, config, fam)
     for topology in args.topology.split(","):
@@ -329,7 +338,8 @@ def _provenance(args) -> dict:
     command="python experiments/bench_sharding.py --topology " + args.topology
     + " --models " + args.models + " --strategies " + args.strategies
     + (" --merge " + args.merge if args.merge else "")
-    + (" --reports " + args.reports if args.reports else ""),
+    + (" --reports " + args.reports if args.reports else "")
+    + (" --set " + args.set if args.set else ""),
     host=platform.machine(),
     versions=dict(jax=jax.__version__, flax=flax.__version__, libtpu=aot._libtpu_version(),
                   python=platform.python_version()),

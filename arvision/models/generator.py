@@ -37,6 +37,7 @@ import numpy as np
 
 from arvision import errors, precision
 from arvision.family import Family
+from arvision.models import scan_layers
 from arvision.models.common import images_to_uint8
 
 
@@ -83,6 +84,10 @@ class Generator(Family):
           f"(needs {list(self.tokenizer_methods)})"
         )
     self.tokenizer = tokenizer
+    # `config.model.scan_layers` needs a model written for it: a class opts in by setting
+    # `accepts_scan_layers = True` on itself (not inherited: a subclass may change the blocks).
+    if not type(self).__dict__.get("accepts_scan_layers", False):
+      scan_layers.refuse(config, self.name)
     self.num_classes = int(config.data.num_classes)
     self.trace_count = 0
 

@@ -87,8 +87,10 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per sample, rescaling kept ones by 1/keep."""
-  if rate == 0.0 or deterministic:
+  """Stochastic depth: drops the whole residual branch per sample, rescaling kept ones by 1/keep.
+
+  `rate` is a float, or a traced scalar (a scanned layer's rate; 0 then keeps every sample)."""
+  if deterministic or (not isinstance(rate, jax.Array) and rate == 0.0):
     return x
   if rng is None:
     raise ValueError("drop_path with rate > 0 in training needs a 'dropout' rng")
@@ -268,6 +270,7 @@ class AdaLNSelfAttn(nn.Module):
     deterministic: bool = True,
     cache: KVCache | None = None,
     cache_index: int = 0,
+    layer_drop_path: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Applies the block.
 
@@ -277,6 +280,8 @@ class AdaLNSelfAttn(nn.Module):
       mask: attention mask spec (see `SelfAttention`).
       deterministic: disables drop path.
       cache, cache_index: optional KV cache (see `SelfAttention`).
+      layer_drop_path: this layer's drop-path rate as a traced scalar (scanned blocks, whose
+        `drop_path_rate` attribute is then the largest rate: it decides whether rngs are drawn).
 
     Returns:
       `(x_BxLxC, new_cache)`.
@@ -309,6 +314,8 @@ class AdaLNSelfAttn(nn.Module):
     gamma1, gamma2, scale1, scale2, shift1, shift2 = [ada_Bx1x6xC[:, :, i] for i in range(6)]
 
     need_rng = not deterministic and self.drop_path_rate > 0
+    # A traced per-layer rate only where rngs are drawn (a float 0 is a no-op without one).
+    rate = layer_drop_path if need_rng and layer_drop_path is not None else self.drop_path_rate
     x_BxLxC = constrain(x_BxLxC, ("batch", "seq", "embed"))
     h = layer_norm(x_BxLxC, self.norm_eps) * (1 + scale1) + shift1
     h, new_cache = SelfAttention(
@@ -320,14 +327,14 @@ class AdaLNSelfAttn(nn.Module):
       name="attn",
     )(h, mask=mask, cache=cache, cache_index=cache_index)
     rng = self.make_rng("dropout") if need_rng else None
-    x_BxLxC = x_BxLxC + drop_path(h * gamma1, self.drop_path_rate, rng, deterministic)
+    x_BxLxC = x_BxLxC + drop_path(h * gamma1, rate, rng, deterministic)
 
     h = layer_norm(x_BxLxC, self.norm_eps) * (1 + scale2) + shift2
     h = FFN(hidden=round(C * self.mlp_ratio), depth=self.depth, init_std=self.init_std, name="ffn")(
       h
     )
     rng = self.make_rng("dropout") if need_rng else None
-    x_BxLxC = x_BxLxC + drop_path(h * gamma2, self.drop_path_rate, rng, deterministic)
+    x_BxLxC = x_BxLxC + drop_path(h * gamma2, rate, rng, deterministic)
     return constrain(x_BxLxC, ("batch", "seq", "embed")), new_cache
 
 

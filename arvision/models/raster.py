@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from arvision import precision
+from arvision.models import scan_layers
 from arvision.models.common import param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import drop_path, drop_path_rates
@@ -210,8 +211,10 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x, rope, *, mask, deterministic=True, cache=None, cache_index=0
+    self, x, rope, *, mask, deterministic=True, cache=None, cache_index=0, layer_drop_path=None
   ) -> tuple[jax.Array, KVCache | None]:
+    """`layer_drop_path`: this layer's drop-path rate, traced (scanned blocks, whose attribute
+    `drop_path_rate` is then the largest rate and decides whether rngs are drawn)."""
     h, new_cache = Attention(
       self.n_head,
       self.n_kv_head,
@@ -228,11 +231,12 @@ class TransformerBlock(nn.Module):
       cache_index=cache_index,
     )
     dp = not deterministic and self.drop_path_rate > 0
-    x = x + drop_path(h, self.drop_path_rate, self.make_rng("dropout") if dp else None, not dp)
+    rate = layer_drop_path if dp and layer_drop_path is not None else self.drop_path_rate
+    x = x + drop_path(h, rate, self.make_rng("dropout") if dp else None, not dp)
     h = FeedForward(self.hidden, self.init_std, self.ffn_dropout, name="feed_forward")(
       RMSNorm(self.norm_eps, name="ffn_norm")(x), deterministic=deterministic
     )
-    x = x + drop_path(h, self.drop_path_rate, self.make_rng("dropout") if dp else None, not dp)
+    x = x + drop_path(h, rate, self.make_rng("dropout") if dp else None, not dp)
     return constrain(x, ACT), new_cache
 
 
@@ -276,6 +280,8 @@ class RasterTransformer(nn.Module):
     token_dropout, resid_dropout, ffn_dropout, drop_path_rate: regularisation (train only).
     cond_drop_rate: probability of the null class in training.
     attn_impl: implementation for `arvision.ops.attention`.
+    scan_layers: the blocks as one `nn.scan` over params `layers` stacked along a leading layer
+      axis (`models.scan_layers`; KV caches stacked likewise) instead of `layers_{i}`.
   """
 
   dim: int
@@ -297,6 +303,7 @@ class RasterTransformer(nn.Module):
   drop_path_rate: float = 0.0
   cond_drop_rate: float = 0.1
   attn_impl: str = "auto"
+  scan_layers: bool = False
 
   prefix = 1  # class tokens (official cls_token_num for c2i)
 
@@ -332,20 +339,22 @@ class RasterTransformer(nn.Module):
     self.cls_embedding = LabelEmbedder(self.num_classes, self.dim, self.cond_drop_rate, std)
     hidden = ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
     dpr = drop_path_rates(self.drop_path_rate, self.num_blocks())
-    self.layers = [
-      TransformerBlock(
-        self.n_head,
-        self.kv_heads,
-        hidden,
-        norm_eps=self.norm_eps,
-        init_std=std,
-        resid_dropout=self.resid_dropout,
-        ffn_dropout=self.ffn_dropout,
-        drop_path_rate=dpr[i],
-        attn_impl=self.attn_impl,
+    block = dict(
+      norm_eps=self.norm_eps,
+      init_std=std,
+      resid_dropout=self.resid_dropout,
+      ffn_dropout=self.ffn_dropout,
+      attn_impl=self.attn_impl,
+    )
+    if self.scan_layers:  # one block whose params stack all layers; the rates are scanned inputs
+      self.layers = TransformerBlock(
+        self.n_head, self.kv_heads, hidden, drop_path_rate=max(dpr), **block
       )
-      for i in range(self.num_blocks())
-    ]
+    else:
+      self.layers = [
+        TransformerBlock(self.n_head, self.kv_heads, hidden, drop_path_rate=dpr[i], **block)
+        for i in range(self.num_blocks())
+      ]
     self.norm = RMSNorm(self.norm_eps)
     self.output = nn.Dense(
       self.vocab_size,
@@ -383,6 +392,25 @@ class RasterTransformer(nn.Module):
     if drop_tokens:
       h = self.token_drop(h, deterministic=deterministic)
     h = constrain(h, ACT)
+    if self.scan_layers:  # caches: one (k, v) pair stacked over layers (`stack_caches`)
+      # cache_index is closed over: an int stays static (a traced one is a constant of the scan).
+      def layer(block, h, xs, rope):
+        rate, cache = xs
+        return block(
+          h,
+          rope,
+          mask=mask,
+          deterministic=deterministic,
+          cache=cache,
+          cache_index=cache_index,
+          layer_drop_path=rate,
+        )
+
+      depth = self.num_blocks()
+      rates = jnp.asarray(drop_path_rates(self.drop_path_rate, depth), jnp.float32)
+      h, new_caches = scan_layers.scan_blocks(self.layers, depth, layer, h, (rates, caches), rope)
+      h = self.norm(h)
+      return (self.logits(h) if head else h), new_caches
     new_caches = [] if caches is not None else None
     for i, layer in enumerate(self.layers):
       cache = caches[i] if caches is not None else None
@@ -449,6 +477,7 @@ class RasterFamily(Generator):
   """
 
   name = "raster"
+  accepts_scan_layers = True  # set on the class itself: a subclass must opt in (`Generator`)
   tokenizer_methods = ("encode_idx", "decode_idx")
   sampler_static = ("schedule", "return_logits", "decode", "window", "lantern_k")
   module_class = RasterTransformer  # successors with new parameters subclass it (models/par.py)
@@ -494,6 +523,7 @@ class RasterFamily(Generator):
       cond_drop_rate=float(m.get("cond_drop_rate", 0.1)),
       attn_impl=str(m.get("attn_impl", "auto")),
       **self.module_extra(m),
+      scan_layers=scan_layers.enabled(config),
     )
     self.module.rope_table()  # fails now on a head dim that 2D RoPE cannot split
     self.num_tokens = self.module.num_tokens
@@ -555,6 +585,12 @@ class RasterFamily(Generator):
 
   # --- sampling ----------------------------------------------------------------------------------
 
+  def _init_caches(self, batch: int, length: int):
+    """Zero KV caches: a list per layer, or one stacked `(k, v)` pair under scan_layers."""
+    mod = self.module
+    caches = init_kv_caches(mod.n_layer, batch, length, mod.kv_heads, mod.head_dim)
+    return scan_layers.stack_caches(caches) if mod.scan_layers else caches
+
   def cache_length(self, max_count: int = 1) -> int:
     """Static KV cache length: prefix + N - 1 + the largest step's count, rounded up to a multiple
     of 8 (official: prefix + N for one token per step)."""
@@ -596,7 +632,7 @@ class RasterFamily(Generator):
     starts, counts = jnp.asarray(orders.step_starts(schedule)), jnp.asarray(schedule)
     mask = orders.input_mask(schedule, P)
     labels_2B = self.labels_2B(labels)
-    caches = init_kv_caches(mod.n_layer, 2 * B, self.cache_length(K), mod.kv_heads, mod.head_dim)
+    caches = self._init_caches(2 * B, self.cache_length(K))
     inv_temp = 1.0 / jnp.maximum(temperature, 1e-5)
     top_p = jnp.where(top_p < 1.0, top_p, 0.0)  # official: top-p only below 1
     pad = ((0, 0), (0, K))
@@ -706,7 +742,7 @@ class RasterFamily(Generator):
         return jnp.where(forced, jax.nn.one_hot(kn, V, dtype=p.dtype), p)
 
       labels_2 = jnp.stack([label, jnp.int32(self.num_classes)])
-      caches = init_kv_caches(mod.n_layer, 2, cache_len, mod.kv_heads, mod.head_dim)
+      caches = self._init_caches(2, cache_len)
       h = mod.apply(var, labels_2, method=RasterTransformer.embed_cond)
       hidden, caches = mod.apply(var, h, caches, 0, jnp.arange(P), mask, method="step")
       p0 = dists(mod.apply(var, hidden[:, P - 1 :], method="logits"), 0)[0]

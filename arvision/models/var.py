@@ -24,7 +24,7 @@ import optax
 
 from arvision import precision
 from arvision.models import heads as heads_lib
-from arvision.models import next_scale
+from arvision.models import next_scale, scan_layers
 from arvision.models.common import param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import (
@@ -75,6 +75,8 @@ class VAR(nn.Module):
     head_kind: `heads.HEADS` name. "categorical" (VAR: logits over the codebook) or a continuous
       head ("flow", "diffusion") that models each token's code vector given the hidden state.
     head_width, head_depth, head_steps: the continuous head's MLP and sampling steps.
+    scan_layers: the blocks as one `nn.scan` over params `blocks` stacked along a leading layer
+      axis (`models.scan_layers`; KV caches stacked likewise) instead of `blocks_{i}`.
   """
 
   depth: int
@@ -100,6 +102,7 @@ class VAR(nn.Module):
   head_width: int = 0
   head_depth: int = 2
   head_steps: int = 25
+  scan_layers: bool = False
 
   @property
   def lengths(self) -> tuple[int, ...]:
@@ -133,7 +136,10 @@ class VAR(nn.Module):
         dtype=dtype,
       )
     dpr = drop_path_rates(self.drop_path_rate, self.depth)
-    self.blocks = [self._make_block(dpr[i], std) for i in range(self.depth)]
+    if self.scan_layers:  # one block whose params stack all layers; the rates are scanned inputs
+      self.blocks = self._make_block(max(dpr), std)
+    else:
+      self.blocks = [self._make_block(dpr[i], std) for i in range(self.depth)]
     self.head_nm = AdaLNBeforeHead(init_std=std, init_adaln=self.aln, norm_eps=self.norm_eps)
     if self.head_kind != "categorical":
       self.head = heads_lib.head_class(self.head_kind)(
@@ -233,9 +239,23 @@ class VAR(nn.Module):
 
     cond = self._block_cond(cond_BxD)
     mask = next_scale.train_mask(self.mask, self.lengths)
+    if self.scan_layers:
+      x, _ = self._scan(x, cond, mask=mask, deterministic=not train)
+      return self._logits(x, cond_BxD)
     for block in self.blocks:
       x, _ = precision.block(block, x, cond, mask=mask, deterministic=not train)
     return self._logits(x, cond_BxD)
+
+  def _scan(self, x, cond, caches=None, **kw):
+    """The blocks as one `nn.scan` (scan_layers): each layer's drop-path rate and cache are
+    scanned inputs; returns `(x, stacked new caches or None)`."""
+
+    def layer(block, x, xs, cond):
+      rate, cache = xs
+      return block(x, cond, cache=cache, layer_drop_path=rate, **kw)
+
+    xs = (jnp.asarray(drop_path_rates(self.drop_path_rate, self.depth), jnp.float32), caches)
+    return scan_layers.scan_blocks(self.blocks, self.depth, layer, x, xs, cond)
 
   def head_loss(self, target_NxC: jax.Array, z_NxC: jax.Array) -> jax.Array:
     """A continuous head's loss (rng stream "diffusion")."""
@@ -270,6 +290,10 @@ class VAR(nn.Module):
     if x_BxlxC.shape[1] != e - b:
       raise ValueError(f"scale {si} expects {e - b} tokens, got {x_BxlxC.shape[1]}")
     cond = self._block_cond(cond_BxD)
+    if self.scan_layers:  # caches: one (k, v) pair stacked over layers (`scan_layers.stack_caches`)
+      kw = dict(mask=masks.full(), deterministic=True, cache_index=b)
+      x, new_caches = self._scan(x_BxlxC, cond, caches, **kw)
+      return self._logits(x, cond_BxD), new_caches
     x, new_caches = x_BxlxC, None if caches is None else []
     for i, block in enumerate(self.blocks):
       if caches is None:
@@ -298,6 +322,7 @@ class VARFamily(Generator):
   """
 
   name = "var"
+  accepts_scan_layers = True  # set on the class itself: a subclass must opt in (`Generator`)
   tokenizer_methods = ("codebook",)
   sampler_static = ("more_smooth", "return_logits", "cfg_schedule")
   # Params sized by the training scale schedule (a successor without them may sample another).
@@ -363,6 +388,7 @@ class VARFamily(Generator):
       head_width=int(m.get("head_width", 0)),
       head_depth=int(m.get("head_depth", 2)),
       head_steps=int(m.get("head_steps", 25)),
+      scan_layers=scan_layers.enabled(config),
       **self.module_extra(config, tokenizer),
     )
     next_scale.train_mask(self.module.mask, self.module.lengths)  # fails now on an unknown mask
@@ -517,7 +543,8 @@ class VARFamily(Generator):
       return None
     hd = mod.width // mod.num_heads
     L = sum(pn * pn for pn in self.sample_patch_nums)
-    return init_kv_caches(mod.depth, batch, L, mod.num_heads, hd, dtype)
+    caches = init_kv_caches(mod.depth, batch, L, mod.num_heads, hd, dtype)
+    return scan_layers.stack_caches(caches) if mod.scan_layers else caches
 
   def refine_scale(self, params, si, x_2BxlxC, cond_2BxD, idx_Bl, filtered_BxlxV, rng, knobs):
     """A successor's extra steps inside scale `si` once its tokens are drawn (HMAR: masked

@@ -233,6 +233,7 @@ def compile_step(config, topology: str, *, what: str = "train", sample_batch: in
       accum_steps=int(config.optim.get("accum_steps", 1)),
       dtype=str(config.model.get("dtype", "float32")),
       attn_impl=str(config.model.get("attn_impl", "auto")),
+      scan_layers=bool(config.model.get("scan_layers", False)),
       params=None if model is None else model.num_params,
     ),
     lower_s=lower_s,

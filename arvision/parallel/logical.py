@@ -50,6 +50,7 @@ LOGICAL_AXES = (
   "conv_out",  # conv output channels
   "latent",  # tokenizer latent / codebook feature dim
   "norm",  # per-channel norm scales/biases
+  "layers",  # the stacked layer axis of scanned blocks (`config.model.scan_layers`); unsharded
 )
 
 
