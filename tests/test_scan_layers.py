@@ -123,7 +123,11 @@ def test_to_layout_both_ways():
   assert scan_layers.to_layout(p, p) == p
 
 
-@pytest.mark.parametrize("name", ["hmar", "flexvar"])
+# Every other registered generator (successors subclass var/raster/mar and must opt in).
+OTHERS = sorted(set(families.FAMILIES) - {"tokenizer", "classifier"} - set(scan_layers.ACCEPTED))
+
+
+@pytest.mark.parametrize("name", OTHERS)
 def test_other_families_refuse_scan_layers(name, configs):
   with pytest.raises(errors.UserError, match=r"scan_layers.*'var'"):
     config = configs.smoke(name, **{"model.scan_layers": True})
