@@ -69,7 +69,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import flax.linen as nn
 import jax
@@ -82,6 +81,9 @@ from arvision.models.var import VAR
 from arvision.ops import masks
 from arvision.sampling import guidance
 from arvision.sampling.topk import filter_top_k_top_p
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_models  # noqa: E402  (the official models, shared with bench_train.py)
 
 PRESETS = {
   # The number the issue asks for on a GPU: VAR-d16 at 256px, batch 64, bf16, cfg 1.5.
@@ -272,57 +274,9 @@ def decode_time(fam, params, batch, runs) -> float:
 # The official sampler (FoundationVision/VAR checkout; its code is imported, never copied)
 
 
-def _official_imports(reference: str):
-  if not os.path.isdir(os.path.join(reference, "models")):
-    raise FileNotFoundError(f"--reference {reference!r} is not a FoundationVision/VAR checkout")
-  sys.path.insert(0, reference)
-  hub = types.ModuleType("huggingface_hub")  # only the Hub mixin (downloads) is used from it
-  hub.PyTorchModelHubMixin = type(
-    "PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)}
-  )
-  sys.modules.setdefault("huggingface_hub", hub)
-
-
 def build_official(reference: str, fam, device: str):
   """The official VQVAE + VAR with our config's sizes and random weights, in eval mode."""
-  import torch
-
-  _official_imports(reference)
-  from models import VAR as OfficialVAR
-  from models import VQVAE
-
-  tm = fam.tokenizer.config.model
-  mod = fam.module
-  torch.manual_seed(0)
-  vae = VQVAE(
-    vocab_size=mod.vocab_size,
-    z_channels=mod.cvae,
-    ch=max(32, -(-int(tm.ch) // 32) * 32),  # its GroupNorm has 32 groups
-    test_mode=True,
-    share_quant_resi=4,
-    v_patch_nums=fam.patch_nums,
-  )
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():  # test_mode VQVAE is left uninitialised by some torch paths: fill it
-    for p in vae.parameters():
-      p.copy_(torch.randn(p.shape, generator=g) / max(p[0].numel(), 1) ** 0.5)
-  on_cuda = device == "cuda"
-  var = OfficialVAR(
-    vae,
-    num_classes=fam.num_classes,
-    depth=mod.depth,
-    embed_dim=mod.width,
-    num_heads=mod.num_heads,
-    mlp_ratio=mod.mlp_ratio,
-    drop_path_rate=0.0,
-    norm_eps=mod.norm_eps,
-    shared_aln=mod.shared_aln,
-    attn_l2_norm=mod.attn_l2_norm,
-    patch_nums=fam.patch_nums,
-    flash_if_available=on_cuda,
-    fused_if_available=on_cuda,
-  )
-  var.init_weights(init_adaln=mod.aln, init_adaln_gamma=mod.alng, init_head=mod.init_head)
+  vae, var = official_models.var(reference, fam, fast_kernels=device == "cuda", random_vae=True)
   return vae.to(device).eval(), var.to(device).eval()
 
 
@@ -725,29 +679,10 @@ def official_raster_row(args, fam, batch, cfg, sample_kw) -> dict:
 
   sys.path.insert(0, os.path.abspath(args.reference))
   from autoregressive.models import generate as gen  # noqa: PLC0415
-  from autoregressive.models import gpt  # noqa: PLC0415
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if "raster" not in _OFFICIAL_MODELS:
-    m = fam.module
-    torch.manual_seed(0)
-    model = gpt.Transformer(
-      gpt.ModelArgs(
-        dim=m.dim,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_kv_head=None,  # the official KV cache allocates n_head heads
-        multiple_of=int(fam.config.model.multiple_of),
-        ffn_dim_multiplier=float(fam.config.model.ffn_dim_multiplier) or None,
-        norm_eps=float(fam.config.model.norm_eps),
-        num_classes=fam.num_classes,
-        vocab_size=m.vocab_size,
-        block_size=fam.num_tokens,
-      )
-    )
-    with torch.no_grad():
-      model.output.weight.normal_(0, 0.02)  # zero-initialised head: give it weights
-    _OFFICIAL_MODELS["raster"] = model.to(device).eval()
+    _OFFICIAL_MODELS["raster"] = official_models.llamagen(args.reference, fam).to(device)
   model = _OFFICIAL_MODELS["raster"]
   labels = torch.arange(batch, device=device) % fam.num_classes
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -782,43 +717,13 @@ def official_raster_row(args, fam, batch, cfg, sample_kw) -> dict:
 def official_mar_row(args, fam, batch, cfg, num_iter, steps, sample_kw) -> dict:
   """LTH14/mar `MAR.sample_tokens` with our config's sizes and `steps` diffusion steps: tokens
   only (its VAE decoder is not timed; compare with ours minus our decoder)."""
-  import functools
 
   import torch
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import parity_mar_official  # noqa: PLC0415  (its torchvision stub for timm)
-
-  parity_mar_official._official_imports(args.reference)
-  from models import mar  # noqa: PLC0415
-
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  if device == "cpu":  # the official sampler moves its masks and noise with `.cuda()`
-    torch.Tensor.cuda = lambda self, *a, **k: self
   key = ("mar", steps)
   if key not in _OFFICIAL_MODELS:
-    m, side = fam.config.model, fam.seq_side * fam.patch_size
-    image_size = int(fam.config.data.image_size)
-    torch.manual_seed(0)
-    model = mar.MAR(
-      img_size=image_size,
-      vae_stride=image_size // side,
-      patch_size=fam.patch_size,
-      encoder_embed_dim=int(m.encoder_embed_dim),
-      encoder_depth=int(m.encoder_depth),
-      encoder_num_heads=int(m.encoder_num_heads),
-      decoder_embed_dim=int(m.decoder_embed_dim),
-      decoder_depth=int(m.decoder_depth),
-      decoder_num_heads=int(m.decoder_num_heads),
-      mlp_ratio=float(m.get("mlp_ratio", 4.0)),
-      norm_layer=functools.partial(torch.nn.LayerNorm, eps=float(m.get("norm_eps", 1e-6))),
-      vae_embed_dim=fam.latent_channels,
-      class_num=fam.num_classes,
-      buffer_size=fam.buffer_size,
-      diffloss_d=int(m.diffloss_d),
-      diffloss_w=int(m.diffloss_w),
-      num_sampling_steps=str(steps),
-    )
+    model = official_models.mar(args.reference, fam, num_sampling_steps=steps)
     _OFFICIAL_MODELS[key] = model.to(device).eval()
   model = _OFFICIAL_MODELS[key]
   labels = torch.arange(batch, device=device) % fam.num_classes

@@ -41,13 +41,15 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import jax
 import numpy as np
 
 from arvision import config_util, families
 from arvision import train as train_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_models  # noqa: E402
 
 CASES = {
   # name: (config spec, batch, config overrides)
@@ -120,61 +122,16 @@ def ours_step(config, fam, frozen, batch):
 # Official side (imported from the checkouts)
 
 
-def _fresh_models_package(reference: str):
-  """VAR and mar both name their package `models`: drop one already imported from another
-  checkout (its objects stay alive) and put this checkout first on the path."""  # noqa: D401
-  for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
-    del sys.modules[name]
-  # mar's `models` has no __init__.py: a namespace package loses to any regular `models` package
-  # later on the path, so the other checkouts leave the path.
-  ref = os.path.abspath(reference)
-  sys.path[:] = [p for p in sys.path if p == ref or not os.path.isfile(f"{p}/models/__init__.py")]
-  sys.path.insert(0, ref)
-
-
-def _hub_stub():
-  hub = types.ModuleType("huggingface_hub")  # VAR imports only the Hub mixin (downloads)
-  hub.PyTorchModelHubMixin = type(
-    "PyTorchModelHubMixin", (), {"__init_subclass__": classmethod(lambda cls, **kw: None)}
-  )
-  sys.modules.setdefault("huggingface_hub", hub)
-
-
 def official_var_step(reference: str, config, fam, batch):
   import torch
 
-  _fresh_models_package(reference)
-  _hub_stub()
-  from models import VAR as OfficialVAR  # noqa: PLC0415
-  from models import VQVAE  # noqa: PLC0415
-
-  mod, tm = fam.module, config.tokenizer.config.model
-  torch.manual_seed(0)
-  vae = VQVAE(
-    vocab_size=mod.vocab_size,
-    z_channels=mod.cvae,
-    ch=max(32, -(-int(tm.ch) // 32) * 32),  # its GroupNorm has 32 groups
-    test_mode=True,
-    share_quant_resi=4,
-    v_patch_nums=fam.patch_nums,
-  )
-  var = OfficialVAR(
-    vae,
-    num_classes=fam.num_classes,
-    depth=mod.depth,
-    embed_dim=mod.width,
-    num_heads=mod.num_heads,
-    mlp_ratio=mod.mlp_ratio,
+  mod = fam.module
+  vae, var = official_models.var(
+    reference,
+    fam,
     drop_path_rate=mod.drop_path_rate,
-    norm_eps=mod.norm_eps,
-    shared_aln=mod.shared_aln,
-    attn_l2_norm=mod.attn_l2_norm,
     cond_drop_rate=float(config.model.cond_drop_rate),
-    patch_nums=fam.patch_nums,
-    flash_if_available=False,
-    fused_if_available=False,
   )
-  var.init_weights(init_adaln=mod.aln, init_adaln_gamma=mod.alng, init_head=mod.init_head)
   var.train()
   # Official train.py: no weight decay on these names and on 1-D params (utils/lr_control.py).
   nowd = ("pos_1LC", "pos_start", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul", "bias")
@@ -226,30 +183,7 @@ def official_raster_step(reference: str, config, fam, batch):
   """LlamaGen `autoregressive/models/gpt.py` Transformer, its `train_c2i.py` step."""
   import torch
 
-  sys.path.insert(0, os.path.abspath(reference))
-  from autoregressive.models import gpt  # noqa: PLC0415
-
-  m = config.model
-  args = gpt.ModelArgs(
-    dim=int(m.dim),
-    n_layer=int(m.n_layer),
-    n_head=int(m.n_head),
-    n_kv_head=int(m.n_kv_head) or None,
-    multiple_of=int(m.multiple_of),
-    ffn_dim_multiplier=float(m.ffn_dim_multiplier) or None,
-    rope_base=float(m.rope_base),
-    norm_eps=float(m.norm_eps),
-    token_dropout_p=float(m.token_dropout),
-    resid_dropout_p=float(m.resid_dropout),
-    ffn_dropout_p=float(m.ffn_dropout),
-    drop_path_rate=float(m.drop_path_rate),
-    num_classes=fam.num_classes,
-    class_dropout_prob=float(m.cond_drop_rate),
-    vocab_size=int(config.tokenizer.config.model.vocab_size),
-    block_size=fam.num_tokens,
-  )
-  torch.manual_seed(0)
-  model = gpt.Transformer(args).train()
+  model = official_models.llamagen(reference, fam, train=True)
   # train_c2i.py creat_optimizer: decay on >= 2-D params, fused AdamW when available.
   params = [p for p in model.parameters() if p.requires_grad]
   o = config.optim
@@ -273,45 +207,13 @@ def official_raster_step(reference: str, config, fam, batch):
 
 def official_mar_step(reference: str, config, fam, batch):
   """LTH14/mar `models/mar.py` MAR, its `engine_mar.py` step (with the EMA update)."""
-  import functools
 
   import torch
 
-  sys.path.insert(0, os.path.abspath(reference))
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import parity_mar_official  # noqa: PLC0415  (its torchvision stub for timm)
-
-  parity_mar_official._official_imports(reference)
-  _fresh_models_package(reference)
-  from models import mar  # noqa: PLC0415
-
-  if not torch.cuda.is_available():  # the official code moves its masks/noise with `.cuda()`
-    torch.Tensor.cuda = lambda self, *a, **k: self
-  m, side = config.model, fam.seq_side * fam.patch_size
-  model = mar.MAR(
-    img_size=int(config.data.image_size),
-    vae_stride=int(config.data.image_size) // side,
-    patch_size=fam.patch_size,
-    encoder_embed_dim=int(m.encoder_embed_dim),
-    encoder_depth=int(m.encoder_depth),
-    encoder_num_heads=int(m.encoder_num_heads),
-    decoder_embed_dim=int(m.decoder_embed_dim),
-    decoder_depth=int(m.decoder_depth),
-    decoder_num_heads=int(m.decoder_num_heads),
-    mlp_ratio=float(m.get("mlp_ratio", 4.0)),
-    norm_layer=functools.partial(torch.nn.LayerNorm, eps=float(m.get("norm_eps", 1e-6))),
-    vae_embed_dim=fam.latent_channels,
-    mask_ratio_min=fam.mask_ratio_min,
-    label_drop_prob=float(m.get("label_drop_prob", 0.1)),
-    class_num=fam.num_classes,
-    attn_dropout=float(m.get("attn_dropout", 0.0)),
-    proj_dropout=float(m.get("proj_dropout", 0.1)),
-    buffer_size=fam.buffer_size,
-    diffloss_d=int(m.diffloss_d),
-    diffloss_w=int(m.diffloss_w),
-    num_sampling_steps=str(int(m.get("num_sampling_steps", 100))),
-    diffusion_batch_mul=int(m.get("diffusion_batch_mul", 4)),
-  ).train()
+  m = config.model
+  model = official_models.mar(
+    reference, fam, num_sampling_steps=int(m.get("num_sampling_steps", 100)), train=True
+  )
   # util/misc.py add_weight_decay: no decay on 1-D params, biases and the diffusion MLP.
   decay, no_decay = [], []
   for name, p in model.named_parameters():

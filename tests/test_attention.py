@@ -482,3 +482,50 @@ def test_masked_softmax_gradient_is_autodiff_of_its_forward():
   np.testing.assert_allclose(g_ours, g_ref, atol=2e-6)
   np.testing.assert_array_equal(g_ours[..., 3, :], 0.0)
   np.testing.assert_array_equal(np.where(allowed, 0.0, g_ours), 0.0)
+
+
+def _weighted_loss(spec, w, blocked):
+  attn = importlib.import_module("arvision.ops.attention")
+  f = lambda q, k, v: attn._xla_attention(q, k, v, spec, 0.5, 0, blocked=blocked)
+  return lambda q, k, v: jnp.sum(jnp.tanh(f(q, k, v)) * w)
+
+
+def test_segment_masks_split_queries_by_segment_groups():
+  # The xla path computes segment masks per query group (each against the keys it can see): the
+  # groups of VAR's training mask, and outputs and gradients equal to the one dense pass (against
+  # the per-query definition: test_xla_matches_naive, whose segment specs take this path too).
+  attn = importlib.import_module("arvision.ops.attention")
+  groups = attn._query_groups(masks.scale_causal(VAR_LENGTHS), 680, 680, 0)
+  # Scales of >= 680/8 tokens alone (10x10, 13x13, 16x16) and unmasked; the rest share a masked one.
+  assert [(g[:4], g[4] is None) for g in groups] == [
+    ((0, 155, 0, 155), False),
+    ((155, 255, 0, 255), True),
+    ((255, 424, 0, 424), True),
+    ((424, 680, 0, 680), True),
+  ]
+  diag = attn._query_groups(masks.block_diagonal(VAR_LENGTHS), 680, 680, 0)
+  assert [g[:4] for g in diag][1:] == [
+    (155, 255, 155, 255),
+    (255, 424, 255, 424),
+    (424, 680, 424, 680),
+  ]
+  # One segment's rows (cached decoding of a scale), or a single group: the dense pass.
+  assert attn._query_groups(masks.scale_causal(VAR_LENGTHS), 100, 680, 424) is None
+  assert attn._query_groups(masks.causal(), 30, 30, 0) is None
+  for lengths, kind in (
+    ((1, 4, 9, 16, 36, 64), "scale_causal"),
+    (RANDOM_LENGTHS, "block_diagonal"),
+  ):
+    spec = _make((kind, lengths))
+    n = sum(lengths)
+    assert attn._query_groups(spec, n, n, 0) is not None
+    q, k, v = _qkv(1, n, n, 2, 1, 8, seed=n)
+    w = jax.random.normal(jax.random.key(1), q.shape)
+
+    for a, b in zip(
+      jax.jit(jax.value_and_grad(_weighted_loss(spec, w, True), (0, 1, 2)))(q, k, v),
+      jax.jit(jax.value_and_grad(_weighted_loss(spec, w, False), (0, 1, 2)))(q, k, v),
+      strict=True,
+    ):
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-5, err_msg=kind)
