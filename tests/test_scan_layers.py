@@ -8,6 +8,8 @@ sampling draws the same tokens from the same keys.
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -138,3 +140,50 @@ def test_other_families_refuse_scan_layers(name, configs):
 def test_nn_partition_name_is_the_flax_one():
   # metadata_params keys the stacked axis name by flax's PARTITION_NAME.
   assert nn.PARTITION_NAME == "partition_name"
+
+
+_HLO = """HloModule m
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[16]{0} all-gather(f32[8]{0} %x), dimensions={0}
+}
+%body2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag2 = f32[16]{0} all-gather(f32[8]{0} %x), dimensions={0}
+}
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  %w2 = (s32[], f32[8]) while(%t1), condition=%cond, body=%body2
+  %ar = f32[8]{0} all-reduce(f32[8]{0} %a), to_apply=%add
+}
+"""
+
+
+def test_collectives_in_loop_bodies_count_once_per_iteration():
+  from arvision.parallel import measure
+
+  static = measure.count_collectives(_HLO)
+  assert static["count"] == 3 and static["bytes"] == 2 * 64 + 32
+  mult = measure.computation_multiplicity(_HLO, unknown_trip=3)
+  assert mult["main"] == 1 and mult["body"] == 4 and mult["body2"] == 3
+  looped = measure.count_collectives(_HLO, unknown_trip=3)
+  assert looped["count"] == 4 + 3 + 1 and looped["bytes"] == 7 * 64 + 32
+  assert looped["by_kind"]["all-gather"]["count"] == 7
+
+
+def test_multiplicity_of_a_compiled_scan():
+  """XLA's own text: the forward scan's body runs its known trip count (5) times."""
+  import jax.numpy as jnp
+
+  from arvision.parallel import measure
+
+  def f(w, x):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0].sum()
+
+  hlo = jax.jit(jax.grad(f)).lower(jnp.ones((5, 8, 8)), jnp.ones((4, 8))).compile().as_text()
+  mult = measure.computation_multiplicity(hlo, unknown_trip=5)
+  loops = [line for line in hlo.splitlines() if " while(" in line]
+  assert len(loops) == 2  # forward and backward scans
+  bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1) for line in loops]
+  assert [mult[b] for b in bodies] == [5, 5]

@@ -50,16 +50,79 @@ def shape_bytes(text: str) -> int:
   return total
 
 
-def count_collectives(hlo_text: str) -> dict:
-  """`{count, bytes, by_kind: {kind: {count, bytes}}}` of the collectives in HLO text."""
-  by_kind = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
+# A computation's header (unindented `[ENTRY ]%name (params) -> shape {`), a while instruction's
+# body and known trip count, and any computation an instruction calls.
+_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(")
+_WHILE_RE = re.compile(r"\swhile\(.*?\bbody=%?(?P<body>[\w.\-]+)")
+_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
+_CALLS_RE = re.compile(
+  r"\b(?:calls|to_apply|body|condition|branch_computations|called_computations)="
+  r"(?:\{(?P<names>[^}]*)\}|(?P<name>%?[\w.\-]+))"
+)
+
+
+def computation_multiplicity(hlo_text: str, unknown_trip: int = 1) -> dict[str, int]:
+  """How many times each computation of HLO text runs per execution of the entry: a while
+  loop's body runs its known trip count times (`unknown_trip` where XLA does not annotate one;
+  e.g. the backward of a scan), everything else once per call. XLA's `cost_analysis` and a
+  static count of the text see a loop body once; a scanned model (`config.model.scan_layers`)
+  puts every layer's work there."""
+  calls: dict[str, list[tuple[str, int]]] = {}
+  entry, current = None, None
   for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      m = _COMP_RE.match(line)
+      current = m.group("name") if m and line.rstrip().endswith("{") else None
+      if current is not None:
+        calls.setdefault(current, [])
+        if line.startswith("ENTRY"):
+          entry = current
+      continue
+    if current is None:
+      continue
+    w = _WHILE_RE.search(line)
+    body = w.group("body") if w else None
+    trip = _TRIP_RE.search(line)
+    n = int(trip.group("n")) if trip else unknown_trip
+    for m in _CALLS_RE.finditer(line):
+      for name in (m.group("names") or m.group("name")).split(","):
+        name = name.strip().lstrip("%")
+        calls[current].append((name, n if name == body else 1))
+  mult: dict[str, int] = {}
+  if entry is None:
+    return mult
+
+  def visit(name: str, times: int, depth: int = 0):
+    if depth > 64:  # HLO call graphs are acyclic; a guard against a misparse
+      return
+    mult[name] = mult.get(name, 0) + times
+    for callee, k in calls.get(name, []):
+      visit(callee, times * k, depth + 1)
+
+  visit(entry, 1)
+  return mult
+
+
+def count_collectives(hlo_text: str, unknown_trip: int | None = None) -> dict:
+  """`{count, bytes, by_kind: {kind: {count, bytes}}}` of the collectives in HLO text.
+
+  Static count by default; with `unknown_trip` (an int), each op counts as often as its
+  computation runs (`computation_multiplicity`: loop bodies times their trip count)."""
+  mult = None if unknown_trip is None else computation_multiplicity(hlo_text, unknown_trip)
+  by_kind = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
+  times, current = 1, None
+  for line in hlo_text.splitlines():
+    if mult is not None and line and not line[0].isspace():
+      m = _COMP_RE.match(line)
+      current = m.group("name") if m else None
+      times = mult.get(current, 1) if current else 1
+      continue
     m = _OP_RE.search(line)
     if m is None or m.group("suffix") == "-start":
       continue
     k = by_kind[m.group("op")]
-    k["count"] += 1
-    k["bytes"] += shape_bytes(m.group("shape"))
+    k["count"] += times
+    k["bytes"] += times * shape_bytes(m.group("shape"))
   by_kind = {k: v for k, v in by_kind.items() if v["count"]}
   return dict(
     count=sum(v["count"] for v in by_kind.values()),
