@@ -26,6 +26,10 @@ from arvision import config_util, data, families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Plain asserts in the shared check module report their values as they would in a test file (it
+# is imported by the test files, after this conftest).
+pytest.register_assert_rewrite("family_contract")
+
 # The persistent compilation cache (on by default in the CLI and `arvision.load`) stays off in the
 # tests and in the processes they start: the user's cache is never written, and every test
 # compiles what it checks. tests/test_compile_cache.py turns it on in processes of its own.
