@@ -277,6 +277,11 @@ def _convert(argv):
     "infinity": lambda: {"vae": _require(_VAE, "vae")},
     "mar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
     "xar": lambda: {"vae": _require(_VAE, "vae"), "ema": _EMA.value, "num_heads": _NUM_HEADS.value},
+    "flowar": lambda: {
+      "vae": _require(_VAE, "vae"),
+      "ema": _EMA.value,
+      "num_heads": _NUM_HEADS.value,
+    },
   }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
   print(f"wrote {out}; load it with arvision.load({out!r})")

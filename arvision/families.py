@@ -18,6 +18,7 @@ FAMILIES = {
   "par": "arvision.models.par",
   "randar": "arvision.models.randar",
   "nar": "arvision.models.nar",
+  "flowar": "arvision.models.flowar",
   "xar": "arvision.models.xar",
   "mvar": "arvision.models.mvar",
   "infinity": "arvision.models.infinity",

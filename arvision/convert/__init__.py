@@ -17,4 +17,5 @@ CONVERTERS = {
   "randar": "arvision.convert.randar:main_randar",
   "nar": "arvision.convert.nar:main_nar",
   "xar": "arvision.convert.xar:main_xar",
+  "flowar": "arvision.convert.flowar:main_flowar",
 }
