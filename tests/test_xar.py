@@ -35,6 +35,7 @@ def test_cell_order_matches_the_official_clusterify():
     xar_lib.cell_order(16, 3)
 
 
+@pytest.mark.slow  # ~160 s on a loaded 2-core CPU (a jacobian over every cell): make test-slow
 def test_cell_mask_by_gradient(smoke):
   """d v[cell j] / d x[cell k] is nonzero exactly for k <= j (block-causal over cells)."""
   s, p = _perturbed(smoke)
