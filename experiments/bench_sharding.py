@@ -299,6 +299,9 @@ def run_topologies(args) -> dict:
       if (r["model"], r["topology"], r["strategy"]) != (spec, rep["topology"], c["strategy"])
     ] + [row]
     print(f"{spec} on {rep['topology']}, {c['strategy']} (from {path}): {topology_line(row)}")
+    out.update(_provenance(args))
+    if args.out:
+      _write(args.out, out)
   done = {(r["model"], r["topology"], r["strategy"]) for r in out["rows"]}
   for spec in filter(None, args.models.split(",")):
     path = spec if os.path.exists(spec) else os.path.join("configs", spec)
