@@ -20,7 +20,7 @@ from arvision.models import scan_layers
 from arvision.parallel import logical
 
 # family -> names of its stacked block groups
-STACKED = {"var": ("blocks",), "raster": ("layers",)}
+STACKED = {"var": ("blocks",), "raster": ("layers",), "mar": ("encoder_blocks", "decoder_blocks")}
 RTOL, ATOL = 1e-5, 1e-6
 
 
@@ -47,7 +47,7 @@ def _assert_trees_close(a, b):
 
 # Each compiles six programs (init, loss and grads x2 layouts x eval/train, the sampler x2).
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["var", "raster"])
+@pytest.mark.parametrize("name", ["var", "raster", "mar"])
 def test_scanned_loss_grads_and_samples_equal_unrolled(name, smoke, configs):
   base, scanned = _scanned(smoke, configs, name)
   names = STACKED[name]
@@ -93,7 +93,7 @@ def test_var_drop_path_rates_are_per_layer(smoke, configs):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g))
 
 
-@pytest.mark.parametrize("name", ["var", "raster"])
+@pytest.mark.parametrize("name", ["var", "raster", "mar"])
 def test_stacked_params_carry_an_unsharded_layers_axis(name, smoke, configs):
   _, scanned = _scanned(smoke, configs, name)
   axes = scanned.logical_axes(None)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arvision import precision
+from arvision.models import scan_layers
 from arvision.models.common import param_count  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.heads import DiffusionHead
@@ -193,6 +194,9 @@ class MAR(nn.Module):
     num_sampling_steps: default diffusion steps at sampling.
     norm_eps: LayerNorm epsilon.
     attn_impl: implementation for `arvision.ops.attention`.
+    scan_layers: each block stack as one `nn.scan` over params `encoder_blocks` /
+      `decoder_blocks` stacked along a leading layer axis (`models.scan_layers`) instead of
+      `encoder_blocks_{i}` / `decoder_blocks_{i}`.
   """
 
   seq_len: int
@@ -213,6 +217,7 @@ class MAR(nn.Module):
   num_sampling_steps: int = 100
   norm_eps: float = 1e-6
   attn_impl: str = "auto"
+  scan_layers: bool = False
 
   def setup(self):
     D, Dd, L, P = self.encoder_dim, self.decoder_dim, self.seq_len, self.buffer_size
@@ -236,10 +241,13 @@ class MAR(nn.Module):
       norm_eps=self.norm_eps,
       attn_impl=self.attn_impl,
     )
-    self.encoder_blocks = [
-      Block(self.encoder_heads, **blk, name=f"encoder_blocks_{i}")
-      for i in range(self.encoder_depth)
-    ]
+    if self.scan_layers:  # one block per stack whose params stack all its layers
+      self.encoder_blocks = Block(self.encoder_heads, **blk, name="encoder_blocks")
+    else:
+      self.encoder_blocks = [
+        Block(self.encoder_heads, **blk, name=f"encoder_blocks_{i}")
+        for i in range(self.encoder_depth)
+      ]
     self.encoder_norm = _layer_norm(self.norm_eps, "encoder_norm")
     self.decoder_embed = _dense(Dd, (None, "embed"), "decoder_embed")
     self.mask_token = self.param(
@@ -248,10 +256,13 @@ class MAR(nn.Module):
     self.decoder_pos_embed_learned = self.param(
       "decoder_pos_embed_learned", param_init(normal, pos), (1, L + P, Dd)
     )
-    self.decoder_blocks = [
-      Block(self.decoder_heads, **blk, name=f"decoder_blocks_{i}")
-      for i in range(self.decoder_depth)
-    ]
+    if self.scan_layers:
+      self.decoder_blocks = Block(self.decoder_heads, **blk, name="decoder_blocks")
+    else:
+      self.decoder_blocks = [
+        Block(self.decoder_heads, **blk, name=f"decoder_blocks_{i}")
+        for i in range(self.decoder_depth)
+      ]
     self.decoder_norm = _layer_norm(self.norm_eps, "decoder_norm")
     self.diffusion_pos_embed_learned = self.param(
       "diffusion_pos_embed_learned", param_init(normal, pos), (1, L, Dd)
@@ -292,8 +303,7 @@ class MAR(nn.Module):
     idx = jnp.argsort(masked.astype(jnp.int32), axis=1, stable=True)[:, :capacity]
     n_keep = jnp.sum(~masked, axis=1).astype(jnp.int32)
     x = constrain(jnp.take_along_axis(x, idx[:, :, None], axis=1), _BLE)
-    for block in self.encoder_blocks:
-      x = precision.block(block, x, n_keep, deterministic=not train)
+    x = self._blocks(self.encoder_blocks, self.encoder_depth, x, n_keep, train)
     return self.encoder_norm(x), idx, n_keep
 
   def decode(self, x_BxKxD, idx_BxK, n_keep_B, train: bool = False):
@@ -306,10 +316,21 @@ class MAR(nn.Module):
     full = jnp.broadcast_to(mask_tok, (B, self.seq_len + self.buffer_size, x.shape[-1]))
     full = full.at[jnp.arange(B)[:, None], idx_BxK].set(x)
     x = constrain(precision.cast(full + self.decoder_pos_embed_learned), _BLE)
-    for block in self.decoder_blocks:
-      x = precision.block(block, x, None, deterministic=not train)
+    x = self._blocks(self.decoder_blocks, self.decoder_depth, x, None, train)
     x = self.decoder_norm(x)[:, self.buffer_size :]
     return x + self.diffusion_pos_embed_learned
+
+  def _blocks(self, blocks, depth: int, x, kv_len, train: bool):
+    """A block stack: unrolled, or one `nn.scan` (scan_layers; `kv_len` is closed over)."""
+    if not self.scan_layers:
+      for block in blocks:
+        x = precision.block(block, x, kv_len, deterministic=not train)
+      return x
+
+    def layer(block, x, _):
+      return block(x, kv_len, deterministic=not train), None
+
+    return scan_layers.scan_blocks(blocks, depth, layer, x)[0]
 
   def cond(self, tokens_BxLxC, mask_BxL, cemb_BxD, capacity: int, train: bool = False):
     """Per-token diffusion condition z `[B, L, Dd]` (encoder then decoder)."""
@@ -373,6 +394,7 @@ class MARFamily(Generator):
   """MAR as a Family on a frozen KL tokenizer (`params["tokenizer"]`, `encode_latent`)."""
 
   name = "mar"
+  accepts_scan_layers = True  # set on the class itself: a subclass must opt in (`Generator`)
   tokenizer_methods = ("encode_latent", "decode_latent")
   sampler_static = ("num_iter", "guided", "cfg_schedule", "steps_per_iter", "clip_x0")
 
@@ -427,6 +449,7 @@ class MARFamily(Generator):
       num_sampling_steps=int(m.get("num_sampling_steps", 100)),
       norm_eps=float(m.get("norm_eps", 1e-6)),
       attn_impl=str(m.get("attn_impl", "auto")),
+      scan_layers=scan_layers.enabled(config),
     )
     # Kept tokens are at most buffer + L - ceil(L * r) with r >= mask_ratio_min.
     self.train_capacity = (

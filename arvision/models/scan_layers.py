@@ -30,7 +30,7 @@ from arvision import errors, precision
 
 LAYERS = "layers"  # the logical axis name of the stacked layer dimension
 # Families whose models accept `config.model.scan_layers=True` (error messages list them).
-ACCEPTED = ("var", "raster")
+ACCEPTED = ("var", "raster", "mar")
 
 
 def enabled(config) -> bool:
