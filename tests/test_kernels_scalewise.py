@@ -1,5 +1,6 @@
 """Scale-wise block-sparse attention kernels (Pallas interpret mode on CPU) against the xla path."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -173,7 +174,13 @@ def test_no_dense_mask_in_pallas_hlo():
   def loss(impl):
     return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask=spec, impl=impl)), (0, 1, 2))
 
-  dense = jax.jit(loss("xla")).lower(q, k, v).as_text()
+  # The positive control: the xla path's single dense pass (its default splits a segment mask
+  # into query groups, where the largest scale's block is unmasked but still [512, 1024]).
+  attn_lib = importlib.import_module(
+    "arvision.ops.attention"
+  )  # the module (the package exports fn)
+  dense_pass = lambda q, k, v: jnp.sum(attn_lib._xla_attention(q, k, v, spec, 0.25, 0, False))
+  dense = jax.jit(jax.grad(dense_pass, (0, 1, 2))).lower(q, k, v).as_text()
   assert _square_shapes(dense, length), "the check must catch the xla path's dense mask"
   text = jax.jit(loss("pallas")).lower(q, k, v).as_text()
   assert "scalewise" in text or "while" in text  # the kernel really is in this program
