@@ -87,6 +87,7 @@ def _cond(fam, params, tokens, mask, labels, capacity):
   return fam.module.apply(var, tokens, mask, cemb, capacity, method=mar_lib.MAR.cond)
 
 
+@pytest.mark.slow  # ~46 s on 2 cores (make test was over 20 minutes); make test-slow runs it
 def test_padding_changes_nothing():
   """Capacity == the exact kept count (the official gather, no padding) vs padded capacities."""
   fam, _, params = setup_mar()
@@ -226,6 +227,7 @@ def test_build_errors_name_the_problem():
     families.build(c, tokenizer=tok)
 
 
+@pytest.mark.slow  # ~77 s on 2 cores; the loop/load/sample path is covered by the VAR workdir test
 def test_smoke_workdir_trains_loads_and_samples(tmp_path):
   wd = str(tmp_path / "mar")
   config = config_util.load_config_file("mar.py:smoke")
