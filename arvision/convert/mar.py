@@ -161,12 +161,15 @@ def main_mar_vae(path: str, out: str) -> str:
   return out
 
 
-def main_mar(
-  path: str, out: str, vae: str | None = None, ema: bool = False, num_heads: int | None = None
+def main_with_kl_vae(
+  path, out, vae, ema, num_heads, *, what: str, detect_config, describe, convert
 ) -> str:
+  """Converts a checkpoint of a model on MAR's KL-16 VAE (MAR, xAR, FlowAR: the same
+  `model`/`model_ema` state-dict layout) with the VAE given by `--vae` and saves the export.
+  `what`: the article and name for the error ("a MAR"); the three callables are the family's."""
   if not vae:
     raise errors.UserError(
-      "converting a MAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)"
+      f"converting {what} checkpoint needs --vae (kl16.ckpt or a mar_vae export)"
     )
   sd = load_mar_state_dict(path, ema=ema)
   config = detect_config(sd, num_heads)
@@ -175,9 +178,18 @@ def main_mar(
   with config.unlocked():
     config.tokenizer.config = tok_config
     config.tokenizer.checkpoint = os.path.abspath(vae)
-  params = convert_mar(sd, config)
+  params = convert(sd, config)
   ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
   return out
+
+
+def main_mar(
+  path: str, out: str, vae: str | None = None, ema: bool = False, num_heads: int | None = None
+) -> str:
+  return main_with_kl_vae(
+    path, out, vae, ema, num_heads,
+    what="a MAR", detect_config=detect_config, describe=describe, convert=convert_mar,
+  )  # fmt: skip
 
 
 def to_official_vae(tok_params: dict, tok_config) -> dict:

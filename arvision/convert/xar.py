@@ -16,10 +16,8 @@ code always uses 2x2 cells.
 from __future__ import annotations
 
 import math
-import os
 
 import ml_collections as mlc
-from absl import logging
 
 from arvision import config_util, errors, families
 from arvision.convert import common
@@ -94,22 +92,10 @@ def convert_xar(state_dict: dict, config) -> dict:
 def main_xar(
   path: str, out: str, vae: str | None = None, ema: bool = False, num_heads: int | None = None
 ) -> str:
-  if not vae:
-    raise errors.UserError(
-      "converting an xAR checkpoint needs --vae (kl16.ckpt or a mar_vae export)"
-    )
-  sd = cm.load_mar_state_dict(path, ema=ema)
-  config = detect_config(sd, num_heads)
-  logging.info("%s: inferred %s", path, describe(config))
-  tok_params, tok_config = cm._tokenizer_from(vae)
-  with config.unlocked():
-    config.tokenizer.config = tok_config
-    config.tokenizer.checkpoint = os.path.abspath(vae)
-  params = convert_xar(sd, config)
-  from arvision import checkpoint as ckpt_lib  # noqa: PLC0415
-
-  ckpt_lib.save_export(out, params, {"tokenizer": tok_params}, config)
-  return out
+  return cm.main_with_kl_vae(
+    path, out, vae, ema, num_heads,
+    what="an xAR", detect_config=detect_config, describe=describe, convert=convert_xar,
+  )  # fmt: skip
 
 
 def to_official_xar(params: dict) -> dict:
