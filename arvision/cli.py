@@ -282,6 +282,7 @@ def _convert(argv):
       "ema": _EMA.value,
       "num_heads": _NUM_HEADS.value,
     },
+    "arflow": lambda: {"vae": _require(_VAE, "vae")},
   }.get(argv[1], dict)()
   out = getattr(importlib.import_module(module), fn)(argv[2], _require(_OUT, "out"), **kw)
   print(f"wrote {out}; load it with arvision.load({out!r})")

@@ -20,6 +20,7 @@ FAMILIES = {
   "nar": "arvision.models.nar",
   "flowar": "arvision.models.flowar",
   "xar": "arvision.models.xar",
+  "arflow": "arvision.models.arflow",
   "mvar": "arvision.models.mvar",
   "infinity": "arvision.models.infinity",
 }

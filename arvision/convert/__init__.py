@@ -18,4 +18,5 @@ CONVERTERS = {
   "nar": "arvision.convert.nar:main_nar",
   "xar": "arvision.convert.xar:main_xar",
   "flowar": "arvision.convert.flowar:main_flowar",
+  "arflow": "arvision.convert.arflow:main_arflow",
 }

@@ -147,3 +147,105 @@ def hybrid_chunk_attention_scan(q, k, v, *, chunk: int, decay=None, phi="identit
   _, out = jax.lax.scan(step, state0, (split(q), split(k), split(v)))
   out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(b, length, h, dv)
   return out.astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# General decays: per-position query/key decays and a per-chunk state decay.
+#
+# The recurrent form above with its decays made inputs (float32):
+#
+#     S_c     = cdec_c * S_{c-1} + sum_{j < C} kdec_{cC+j} phi(k_{cC+j})^T v_{cC+j},   S_{-1} = S0
+#     inter_t = scale * qdec_t * phi(q_t) S_{c-1}                                  for t in chunk c
+#
+# i.e. key s reaches query t (chunk(s) < chunk(t)) with weight
+# `qdec_t * kdec_s * prod_{chunk(s) < c' < chunk(t)} cdec_c'`. The constant decay above is
+# `qdec = gamma^(i + 1)`, `kdec = gamma^(C - 1 - j)`, `cdec = gamma^C`. ARFlow's gated retention
+# (TheFllood/ARFlow `chunk_gate_retention`, per-position log-gates `g <= 0`) is
+# `qdec_t = exp(sum_{j <= i} g_{cC+j})` (cumulative inside the chunk), `kdec = 1` ("remove the
+# intra-chunk init decay") and `cdec_c = exp(mean_{j} g_{cC+j})`.
+
+
+def gated_decays(log_gate_BxLxH, chunk: int):
+  """ARFlow's decays from per-position log-gates `[B, L, H]`: `(qdec [B, L, H], kdec [B, L, H],
+  cdec [B, n, H])` in float32 (module comment above)."""
+  b, length, h = log_gate_BxLxH.shape
+  g = log_gate_BxLxH.astype(jnp.float32).reshape(b, length // chunk, chunk, h)
+  qdec = jnp.exp(jnp.cumsum(g, axis=2)).reshape(b, length, h)
+  return qdec, jnp.ones_like(qdec), jnp.exp(jnp.mean(g, axis=2))
+
+
+def constant_decays(decay_H, batch: int, length: int, chunk: int):
+  """The constant per-head decay as general decays (`[B, L, H]`, `[B, L, H]`, `[B, n, H]`)."""
+  qdec_HxC, kdec_HxC = decay_vectors(decay_H, chunk)
+  n, h = length // chunk, decay_H.shape[0]
+  tile = lambda d: jnp.broadcast_to(jnp.tile(d.T, (n, 1))[None], (batch, length, h))
+  cdec = jnp.broadcast_to(qdec_HxC[:, -1][None, None], (batch, n, h))
+  return tile(qdec_HxC), tile(kdec_HxC), cdec
+
+
+def decayed_hybrid_reference(q, k, v, qdec, kdec, cdec, *, chunk: int, phi="identity", scale=None):
+  """The quadratic definition with general decays (`[L, L]` weights; tests only)."""
+  check_hybrid_args(q, k, v, chunk, None, phi)
+  b, length, h, d = q.shape
+  scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+  intra = attention(
+    q, k, v, mask=masks_lib.block_diagonal((chunk,) * (length // chunk)), impl="xla", scale=scale
+  ).astype(jnp.float32)
+  c_t = jnp.arange(length) // chunk
+  # log prod_{chunk(s) < c' < chunk(t)} cdec_c' from a prefix sum over chunks: P[c] = sum_{c' < c}.
+  log_c = jnp.log(cdec.astype(jnp.float32))  # [B, n, H]
+  prefix = jnp.concatenate([jnp.zeros_like(log_c[:, :1]), jnp.cumsum(log_c, axis=1)], axis=1)
+  between = prefix[:, c_t][:, :, None] - prefix[:, c_t + 1][:, None, :]  # [B, t, s, H]
+  earlier = (c_t[None, :] < c_t[:, None])[None, :, :, None]
+  w = jnp.where(earlier, jnp.exp(jnp.where(earlier, between, 0.0)), 0.0)
+  w = w * qdec.astype(jnp.float32)[:, :, None] * kdec.astype(jnp.float32)[:, None, :]
+  hi = jax.lax.Precision.HIGHEST
+  a = jnp.einsum("bthd,bshd->bths", feature_map(q, phi), feature_map(k, phi), precision=hi)
+  inter = jnp.einsum("bths,bshd->bthd", a * w.transpose(0, 1, 3, 2), v.astype(jnp.float32),
+                     precision=hi)  # fmt: skip
+  return (intra + scale * inter).astype(q.dtype)
+
+
+def decayed_hybrid_scan(
+  q, k, v, qdec, kdec, cdec, *, chunk: int, phi="identity", scale=None, state0=None,
+  return_state: bool = False,
+):  # fmt: skip
+  """The recurrent form with general decays as a `lax.scan` over chunks (differentiable).
+
+  `state0 [B, H, D, Dv]` float32 is the state entering the first chunk (None: zeros); with
+  `return_state` the result is `(out, state after the last chunk)`: running chunks one call at a
+  time with the state carried gives the same outputs as one call over all of them (ARFlow's
+  recurrent sampling cache)."""
+  n, _ = check_hybrid_args(q, k, v, chunk, None, phi)
+  b, length, h, d = q.shape
+  dv = v.shape[-1]
+  scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+  hi = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  split = lambda x: jnp.transpose(x.reshape(b, n, chunk, h, x.shape[-1]), (1, 0, 3, 2, 4))
+  qd, kd = (split(x.astype(jnp.float32)[..., None]) for x in (qdec, kdec))  # [n, B, H, C, 1]
+  cd = jnp.transpose(cdec.astype(jnp.float32), (1, 0, 2))[..., None, None]  # [n, B, H, 1, 1]
+
+  def step(state_BxHxDxDv, xs):
+    qc, kc, vc, qdc, kdc, cdc = xs
+    s = (
+      jnp.einsum("bhid,bhjd->bhij", qc, kc, precision=hi, preferred_element_type=jnp.float32)
+      * scale
+    )
+    p = jax.nn.softmax(s, axis=-1)
+    intra = jnp.einsum(
+      "bhij,bhjd->bhid", p.astype(vc.dtype), vc, precision=hi, preferred_element_type=jnp.float32
+    )
+    inter = jnp.einsum("bhid,bhde->bhie", feature_map(qc, phi) * qdc, state_BxHxDxDv, precision=hi)
+    fk = feature_map(kc, phi) * kdc
+    state = cdc * state_BxHxDxDv + jnp.einsum(
+      "bhjd,bhje->bhde", fk, vc.astype(jnp.float32), precision=hi
+    )
+    return state, intra + scale * inter
+
+  if state0 is None:
+    state0 = jnp.zeros((b, h, d, dv), jnp.float32)
+  state, out = jax.lax.scan(
+    step, state0.astype(jnp.float32), (split(q), split(k), split(v), qd, kd, cd)
+  )
+  out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(b, length, h, dv).astype(q.dtype)
+  return (out, state) if return_state else out
