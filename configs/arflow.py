@@ -32,9 +32,13 @@ import math
 
 import ml_collections as mlc
 
-from arvision.config_util import base_config, load_config_file, parse_arg, pick_variant
-
-IMAGENET_TRAIN_SIZE = 1_281_167
+from arvision.config_continuous import (
+  IMAGENET_TRAIN_SIZE,
+  imagenet_data,
+  kl_tokenizer,
+  small_recipe,
+)
+from arvision.config_util import base_config, parse_arg, pick_variant
 
 SIZES = {
   "S": dict(depth=12, width=384, heads=6),
@@ -98,17 +102,16 @@ def _model(v: dict) -> mlc.ConfigDict:
   )
 
 
-def _tokenizer(spec: str, sd_vae: bool = False) -> mlc.ConfigDict:
-  tok = mlc.ConfigDict(load_config_file(spec).to_dict())  # unlocked copy
-  if spec.endswith(":smoke"):
-    tok.model.type = "kl"  # the tiny tokenizer as a KL autoencoder
-  if sd_vae:  # the SD-VAE (LDM KL-f8) architecture the official latents come from
-    tok.model.ch_mult = (1, 2, 4, 4)
-    tok.model.z_channels = 4
-    tok.model.embed_dim = 4
-    tok.model.enc_attn_resolutions = ()
-    tok.model.scale_factor = 0.18215
-  return mlc.ConfigDict(dict(config=tok, checkpoint=""))
+def _sd_vae_tokenizer() -> mlc.ConfigDict:
+  """The SD-VAE (LDM KL-f8) architecture the official latents come from."""
+  tokenizer = kl_tokenizer("tokenizer.py:mar_kl16")
+  tok = tokenizer.config
+  tok.model.ch_mult = (1, 2, 4, 4)
+  tok.model.z_channels = 4
+  tok.model.embed_dim = 4
+  tok.model.enc_attn_resolutions = ()
+  tok.model.scale_factor = 0.18215
+  return tokenizer
 
 
 def get_config(arg=None) -> mlc.ConfigDict:
@@ -122,15 +125,8 @@ def get_config(arg=None) -> mlc.ConfigDict:
   if args.variant in ARFLOW_MODELS:
     v = ARFLOW_MODELS[args.variant]
     c.model = _model(v)
-    c.tokenizer = _tokenizer("tokenizer.py:mar_kl16", sd_vae=True)
-    c.data.source = "tfds:imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.batch_size = 8 * c.model.seq_images  # official --global-batch-size 8 sequences
-    c.data.hflip = True
-    c.data.resize_ratio = 1.0
-    c.data.random_crop = False
+    c.tokenizer = _sd_vae_tokenizer()
+    imagenet_data(c, batch_size=8 * c.model.seq_images)  # official --global-batch-size 8 sequences
     steps_per_epoch = IMAGENET_TRAIN_SIZE / 8
     c.total_steps = math.ceil(1400 * steps_per_epoch)  # official --epochs 1400
     c.optim.lr = 1e-4
@@ -148,30 +144,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
   else:
     v = pick_variant(SMALL_MODELS, args.variant, "arflow")
     c.model = _model(v)
-    c.tokenizer = _tokenizer(v["tokenizer"])
-    tok_data = c.tokenizer.config.data
-    c.data.source = tok_data.source
-    c.data.image_size = tok_data.image_size
-    c.data.channels = tok_data.channels
-    c.data.num_classes = tok_data.num_classes
-    c.data.batch_size = v["batch_size"]
-    c.total_steps = v["total_steps"]
-    c.optim.lr = v["lr"]
-    c.optim.lr_scaling = "none"
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_factor = 0.1
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = v["ema_decay"]
-    c.log_every = max(c.total_steps // 20, 1)
-    c.checkpoint_every = c.total_steps
+    c.tokenizer = kl_tokenizer(v["tokenizer"])
+    small_recipe(c, v, clip_norm=1.0, smoke=args.variant == "smoke")
     c.sample.update(v["sample"])
-    if args.variant == "smoke":
-      c.eval.num_batches = 1
-      c.eval.num_samples = 16
-      c.eval.batch_size = 16
-      c.data.eval_batch_size = 16
-    else:
-      c.eval.num_samples = 200  # at the end of training; `arvision eval` does the full evaluation
-      c.eval.batch_size = 250
   return c

@@ -18,13 +18,15 @@ Variants (`configs/flowar.py:<variant>`):
 - `smoke`: tiny, on a tiny KL tokenizer (8x8x8 latents); runs in seconds (tests).
 """
 
-import math
-
 import ml_collections as mlc
 
-from arvision.config_util import base_config, load_config_file, parse_arg, pick_variant
-
-IMAGENET_TRAIN_SIZE = 1_281_167
+from arvision.config_continuous import (
+  encoder_decoder,
+  kl_tokenizer,
+  mar_imagenet_recipe,
+  small_recipe,
+)
+from arvision.config_util import base_config, parse_arg, pick_variant
 
 FLOWAR_MODELS = {
   "S": dict(
@@ -102,12 +104,7 @@ def _model(v: dict, patch_nums) -> mlc.ConfigDict:
   return mlc.ConfigDict(
     dict(
       patch_nums=tuple(patch_nums),
-      encoder_embed_dim=v["width"],
-      encoder_depth=v["depth"],
-      encoder_num_heads=v["heads"],
-      decoder_embed_dim=v["width"],
-      decoder_depth=v["depth"],
-      decoder_num_heads=v["heads"],
+      **encoder_decoder(v),
       mlp_ratio=4.0,
       head_depth=v["head_depth"],  # official diffloss_d
       head_width=v["head_width"],  # official diffloss_w
@@ -118,13 +115,6 @@ def _model(v: dict, patch_nums) -> mlc.ConfigDict:
       attn_impl="auto",
     )
   )
-
-
-def _tokenizer(spec: str) -> mlc.ConfigDict:
-  tok = mlc.ConfigDict(load_config_file(spec).to_dict())  # unlocked copy
-  if spec.endswith(":smoke"):
-    tok.model.type = "kl"  # the tiny tokenizer as a KL autoencoder
-  return mlc.ConfigDict(dict(config=tok, checkpoint=""))
 
 
 def get_config(arg=None) -> mlc.ConfigDict:
@@ -138,57 +128,14 @@ def get_config(arg=None) -> mlc.ConfigDict:
   if args.variant in FLOWAR_MODELS:
     v = FLOWAR_MODELS[args.variant]
     c.model = _model(v, (1, 2, 4, 8, 16))
-    c.tokenizer = _tokenizer("tokenizer.py:mar_kl16")
-    c.data.source = "tfds:imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.batch_size = 2048
-    c.data.hflip = True
-    c.data.resize_ratio = 1.0
-    c.data.random_crop = False
-    steps_per_epoch = IMAGENET_TRAIN_SIZE / c.data.batch_size
-    c.total_steps = math.ceil(400 * steps_per_epoch)
-    c.optim.lr = 5e-5  # blr
-    c.optim.lr_scaling = "batch256"
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = round(100 * steps_per_epoch)
-    c.optim.clip_norm = 3.0
-    c.optim.ema_decay = 0.9999
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    c.eval.num_samples = 50_000
-    c.eval.batch_size = 256
+    c.tokenizer = kl_tokenizer("tokenizer.py:mar_kl16")
+    mar_imagenet_recipe(c, epochs=400, blr=5e-5, clip_norm=3.0)
     c.sample.update(dict(num_steps=v["steps"], cfg=v["cfg"], guidance_high=v["guidance"]))
   else:
     v = pick_variant(SMALL_MODELS, args.variant, "flowar")
     c.model = _model(v, v["patch_nums"])
-    c.tokenizer = _tokenizer(v["tokenizer"])
-    tok_data = c.tokenizer.config.data
-    c.data.source = tok_data.source
-    c.data.image_size = tok_data.image_size
-    c.data.channels = tok_data.channels
-    c.data.num_classes = tok_data.num_classes
-    c.data.batch_size = v["batch_size"]
-    c.total_steps = v["total_steps"]
-    c.optim.lr = v["lr"]
-    c.optim.lr_scaling = "none"
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_factor = 0.1
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.clip_norm = 3.0
-    c.optim.ema_decay = v["ema_decay"]
-    c.log_every = max(c.total_steps // 20, 1)
-    c.checkpoint_every = c.total_steps
+    c.tokenizer = kl_tokenizer(v["tokenizer"])
+    small_recipe(c, v, clip_norm=3.0, smoke=args.variant == "smoke")
     c.sample.update(v["sample"])
-    if args.variant == "smoke":
-      c.sample.disa_min_steps = 2
-      c.eval.num_batches = 1
-      c.eval.num_samples = 16
-      c.eval.batch_size = 16
-      c.data.eval_batch_size = 16
-    else:
-      c.sample.disa_min_steps = 10
-      c.eval.num_samples = 200  # at the end of training; `arvision eval` does the full evaluation
-      c.eval.batch_size = 250
+    c.sample.disa_min_steps = 2 if args.variant == "smoke" else 10
   return c

@@ -20,13 +20,15 @@ Deviations: the official blocks have attention/projection dropout 0 (their defau
 passed), as here.
 """
 
-import math
-
 import ml_collections as mlc
 
-from arvision.config_util import base_config, load_config_file, parse_arg, pick_variant
-
-IMAGENET_TRAIN_SIZE = 1_281_167
+from arvision.config_continuous import (
+  encoder_decoder,
+  kl_tokenizer,
+  mar_imagenet_recipe,
+  small_recipe,
+)
+from arvision.config_util import base_config, parse_arg, pick_variant
 
 XAR_MODELS = {
   "B": dict(depth=8, width=768, heads=12, num_steps=40, cfg=2.7),
@@ -65,12 +67,7 @@ SMALL_MODELS = {
 def _model(v: dict) -> mlc.ConfigDict:
   return mlc.ConfigDict(
     dict(
-      encoder_embed_dim=v["width"],
-      encoder_depth=v["depth"],
-      encoder_num_heads=v["heads"],
-      decoder_embed_dim=v["width"],
-      decoder_depth=v["depth"],
-      decoder_num_heads=v["heads"],
+      **encoder_decoder(v),
       mlp_ratio=4.0,
       cells=2,  # cells per side: 2x2 cells (official `clusters=4`)
       label_drop_prob=0.1,
@@ -78,13 +75,6 @@ def _model(v: dict) -> mlc.ConfigDict:
       attn_impl="auto",
     )
   )
-
-
-def _tokenizer(spec: str) -> mlc.ConfigDict:
-  tok = mlc.ConfigDict(load_config_file(spec).to_dict())  # unlocked copy
-  if spec.endswith(":smoke"):
-    tok.model.type = "kl"  # the tiny tokenizer as a KL autoencoder
-  return mlc.ConfigDict(dict(config=tok, checkpoint=""))
 
 
 def get_config(arg=None) -> mlc.ConfigDict:
@@ -98,58 +88,15 @@ def get_config(arg=None) -> mlc.ConfigDict:
   if args.variant in XAR_MODELS:
     v = XAR_MODELS[args.variant]
     c.model = _model(v)
-    c.tokenizer = _tokenizer("tokenizer.py:mar_kl16")
-    c.data.source = "tfds:imagenet2012"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.num_classes = 1000
-    c.data.batch_size = 2048
-    c.data.hflip = True
-    c.data.resize_ratio = 1.0
-    c.data.random_crop = False
-    steps_per_epoch = IMAGENET_TRAIN_SIZE / c.data.batch_size
-    c.total_steps = math.ceil(800 * steps_per_epoch)
-    c.optim.lr = 5e-5  # blr
-    c.optim.lr_scaling = "batch256"
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = round(100 * steps_per_epoch)
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = 0.9999
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    c.eval.num_samples = 50_000
-    c.eval.batch_size = 256
+    c.tokenizer = kl_tokenizer("tokenizer.py:mar_kl16")
+    mar_imagenet_recipe(c, epochs=800, blr=5e-5, clip_norm=1.0)
     c.sample.num_steps = v["num_steps"]
     c.sample.cfg = v["cfg"]
   else:
     v = pick_variant(SMALL_MODELS, args.variant, "xar")
     c.model = _model(v)
-    c.tokenizer = _tokenizer(v["tokenizer"])
-    tok_data = c.tokenizer.config.data
-    c.data.source = tok_data.source
-    c.data.image_size = tok_data.image_size
-    c.data.channels = tok_data.channels
-    c.data.num_classes = tok_data.num_classes
-    c.data.batch_size = v["batch_size"]
-    c.total_steps = v["total_steps"]
-    c.optim.lr = v["lr"]
-    c.optim.lr_scaling = "none"
-    c.optim.schedule = "cosine"
-    c.optim.end_lr_factor = 0.1
-    c.optim.warmup_steps = v["warmup_steps"]
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = v["ema_decay"]
-    c.log_every = max(c.total_steps // 20, 1)
-    c.checkpoint_every = c.total_steps
+    c.tokenizer = kl_tokenizer(v["tokenizer"])
+    small_recipe(c, v, clip_norm=1.0, smoke=args.variant == "smoke")
     c.sample.update(v["sample"])
-    if args.variant == "smoke":
-      c.sample.disa_min_steps = 2
-      c.eval.num_batches = 1
-      c.eval.num_samples = 16
-      c.eval.batch_size = 16
-      c.data.eval_batch_size = 16
-    else:
-      c.sample.disa_min_steps = 10
-      c.eval.num_samples = 200  # at the end of training; `arvision eval` does the full evaluation
-      c.eval.batch_size = 250
+    c.sample.disa_min_steps = 2 if args.variant == "smoke" else 10
   return c
