@@ -4,9 +4,10 @@
         --set model.stage1_steps=300 --set total_steps=100 --num_samples 1000
 
 runs, timed, in a fresh workdir (refused if it holds a run):
-  1. `arvision train --config SPEC --workdir W --config.eval.num_samples=100 [--config.K=V ...]`
+  1. `arvision train --config SPEC --workdir W --config.eval.num_samples=250 [--config.K=V ...]`
      (the family's config trains its tokenizer first under W/tokenizer unless it names a shipped
-     or trained one; the in-training eval uses 100 samples only, as `make quickstart`);
+     or trained one; the in-training eval uses one batch of 250 samples: the `fmnist` configs'
+     eval batch, so that step 2 loads the compiled sampler from the persistent cache);
   2. `arvision eval --workdir W --num_samples N --out W/eval`;
 then writes `experiments/results/<family>_fmnist_cpu.json`: the commands (relative paths), wall
 time per stage (the tokenizer's and HMAR stage 1's share of `train` from their metrics files'
@@ -44,7 +45,7 @@ def commands(spec: str, workdir: str, sets: list[str], num_samples: int) -> dict
     if "=" not in kv:
       raise SystemExit(f"--set takes key=value (a config field), got {kv!r}")
   train = ["arvision", "train", "--config", spec, "--workdir", workdir,
-           "--config.eval.num_samples=100"]  # fmt: skip
+           "--config.eval.num_samples=250"]  # fmt: skip
   train += [f"--config.{kv}" for kv in sets]
   evaluate = ["arvision", "eval", "--workdir", workdir, "--num_samples", str(num_samples),
               "--out", os.path.join(workdir, "eval")]  # fmt: skip

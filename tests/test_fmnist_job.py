@@ -14,7 +14,7 @@ def job(experiment):
 def test_commands_pass_overrides_and_refuse_machine_paths(job):
   cmds = job.commands("configs/hmar.py:fmnist", "runs/h", ["total_steps=130"], 1000)
   assert cmds["train"] == ["arvision", "train", "--config", "configs/hmar.py:fmnist",
-                           "--workdir", "runs/h", "--config.eval.num_samples=100",
+                           "--workdir", "runs/h", "--config.eval.num_samples=250",
                            "--config.total_steps=130"]  # fmt: skip
   assert cmds["eval"] == ["arvision", "eval", "--workdir", "runs/h", "--num_samples", "1000",
                           "--out", os.path.join("runs/h", "eval")]  # fmt: skip
