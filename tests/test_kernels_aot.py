@@ -141,3 +141,72 @@ def test_triton_scalewise_kernel_lowers_for_cuda():
     want = 3 if key.endswith("/bwd") else 1
     assert r["triton_calls"] == want, (key, r)
     assert r["num_warps"] == want, (key, r)  # the CompilerParams reached every kernel
+
+
+# ARFlow's gated hybrid kernel (`kernels/chunked`, the `arflow` family's attention), forward and
+# backward (the backward is the scan, in XLA), compiled for both targets.
+_HYBRID_GPU_SCRIPT = textwrap.dedent(
+  """
+  import json
+  import jax, jax.numpy as jnp
+  from jax import export
+  from arvision.kernels.chunked import gated_hybrid_chunk_attention
+
+  def loss(q, k, v, g):
+    out = gated_hybrid_chunk_attention(q, k, v, g, chunk=256, lowering="gpu", interpret=False)
+    return out.astype(jnp.float32).sum()
+
+  x = jax.ShapeDtypeStruct((2, 1024, 2, 64), jnp.float32)
+  g = jax.ShapeDtypeStruct((2, 1024, 2), jnp.float32)
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, x, x, g)
+  text = exp.mlir_module()
+  print("RESULT " + json.dumps(dict(platforms=list(exp.platforms),
+                                    triton_calls=text.count("__gpu$xla.gpu.triton"))))
+  """
+)
+
+
+@pytest.mark.slow  # a subprocess with the CUDA plugin (~5 s)
+@pytest.mark.skipif(_cuda_plugin_dir() is None, reason="no CUDA plugin in $VENV/cuda-aot")
+def test_gated_hybrid_kernel_lowers_for_cuda():
+  import json
+
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([_cuda_plugin_dir(), ROOT, os.environ.get("PYTHONPATH", "")]),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", _HYBRID_GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+  )
+  lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+  result = json.loads(lines[0][len("RESULT ") :])
+  assert result == {"platforms": ["cuda"], "triton_calls": 1}, result  # the forward kernel
+
+
+@pytest.mark.slow  # a Mosaic compile (~10 s on a loaded 2-core CPU)
+@needs_libtpu
+def test_gated_hybrid_kernel_compiles_for_tpu():
+  from arvision.kernels.chunked import gated_hybrid_chunk_attention
+  from arvision.parallel import aot
+  from arvision.target import target_backend
+
+  devices = aot.topology_devices("v5p:2x2x1")
+  mesh = jax.make_mesh((1,), ("data",), devices=list(devices)[:1])
+
+  def fwd_bwd(q, k, v, g):
+    def loss(q, k, v, g):
+      out = gated_hybrid_chunk_attention(q, k, v, g, chunk=256, lowering="tpu", interpret=False)
+      return out.astype(jnp.float32).sum()
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, g)
+
+  sh = NamedSharding(mesh, P())
+  x = jax.ShapeDtypeStruct((2, 1024, 2, 64), jnp.float32, sharding=sh)
+  g = jax.ShapeDtypeStruct((2, 1024, 2), jnp.float32, sharding=sh)
+  with target_backend("tpu"):
+    compiled = jax.jit(fwd_bwd).lower(x, x, x, g).compile()
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 1  # the forward
