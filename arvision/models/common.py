@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from arvision.target import backend
 
 
 def param_count(params: Any) -> int:
@@ -31,3 +34,70 @@ def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """
   label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return (label_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def _add_bias_2d(y_MxN: jax.Array, bias_N: jax.Array) -> jax.Array:
+  """`y + bias` whose bias gradient is the product `ones[1, M] @ g` (float32 accumulation).
+
+  XLA folds the reshape of a `[B, L, N]` gradient into its sum over M = B * L, and then runs
+  it as the slow two-leading-axes reduction again; a product is left as it is.
+  """
+  return y_MxN + bias_N
+
+
+def _add_bias_2d_fwd(y_MxN, bias_N):
+  return y_MxN + bias_N, None
+
+
+def _add_bias_2d_bwd(_, g_MxN):
+  # y and bias share the compute dtype (Dense promotes both), so g's dtype is the bias's.
+  ones_1xM = jnp.ones((1, g_MxN.shape[0]), g_MxN.dtype)
+  g_bias = jax.lax.dot(ones_1xM, g_MxN, preferred_element_type=jnp.float32)[0]
+  return g_MxN, g_bias.astype(g_MxN.dtype)
+
+
+_add_bias_2d.defvjp(_add_bias_2d_fwd, _add_bias_2d_bwd)
+
+
+def add_bias(x: jax.Array, bias_N: jax.Array) -> jax.Array:
+  """`x + bias` over the last axis; on CPU as `[M, N] + [N]` with the bias gradient a product
+  (`_add_bias_2d`), instead of XLA:CPU's slow sum of the gradient over the leading axes."""
+  if x.ndim <= 2 or backend() != "cpu":
+    return x + bias_N
+  return _add_bias_2d(x.reshape(-1, x.shape[-1]), bias_N).reshape(x.shape)
+
+
+class Dense(nn.Dense):
+  """`nn.Dense` (the same fields, params and names); on CPU a `[..., K]` input runs as one 2-D
+  `[M, K] x [K, N]` product plus bias, reshaped back.
+
+  Why: for the 3-D `[B, L, K] x [K, N]` product XLA:CPU computes the kernel gradient from a
+  transposed copy of the `[B, L, N]` output gradient (one per layer, with the gradient's
+  elementwise producers fused into it and recomputed per copy); the 2-D product needs no copy.
+  Its bias gradient, a sum over the two leading axes, XLA:CPU's reduction emitter runs ~15x
+  slower than a sum over one `[M, N]` axis (and folds a reshape back into that form), so it is
+  taken as a product (`_add_bias_2d`). The reshapes are free on CPU; other backends run the
+  unchanged `nn.Dense` (a TPU would pay a relayout to merge a sequence axis that is not a
+  multiple of 8 into the batch).
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.dot_general is not None or self.dot_general_cls is not None:
+      raise ValueError("arvision Dense runs lax.dot_general; dot_general(_cls) is not supported")
+    kernel = self.param(
+      "kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype
+    )
+    bias = (
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    flat = inputs.ndim > 2 and backend() == "cpu"
+    x = inputs.reshape(-1, inputs.shape[-1]) if flat else inputs
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+    if bias is not None:
+      y = _add_bias_2d(y, bias) if flat else y + bias
+    return y.reshape(*inputs.shape[:-1], self.features) if flat else y

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from arvision.diffusion.flow import FlowMatching
 from arvision.diffusion.gaussian import create_diffusion
+from arvision.models.common import Dense
 from arvision.models.layers import layer_norm
 from arvision.parallel.logical import param_init
 from arvision.precision import current_dtype
@@ -48,9 +49,9 @@ _ONES = nn.initializers.ones
 _XAVIER = nn.initializers.xavier_uniform()
 
 
-def _dense(features: int, names: tuple, name: str, kernel_init=_XAVIER) -> nn.Dense:
+def _dense(features: int, names: tuple, name: str, kernel_init=_XAVIER) -> Dense:
   """A Dense with a zero bias, both annotated with logical `names` (kernel `[in, out]`)."""
-  return nn.Dense(
+  return Dense(
     features,
     kernel_init=param_init(kernel_init, names),
     bias_init=param_init(_ZEROS, (names[1],)),
@@ -273,7 +274,7 @@ class DiffusionHead(nn.Module):
     return jnp.concatenate([x, x]) if guided else x
 
 
-class CategoricalHead(nn.Dense):
+class CategoricalHead(Dense):
   """Logits over a vocabulary: a Dense (`features` = vocabulary size) with `kernel` and `bias`,
   so families that name it keep their parameter trees (VAR's `head`)."""
 

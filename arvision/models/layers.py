@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arvision.models.common import Dense, add_bias
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
 from arvision.precision import current_dtype
@@ -152,7 +153,7 @@ class SelfAttention(nn.Module):
       raise ValueError(f"width {C} is not divisible by num_heads={self.num_heads}")
     H, hd = self.num_heads, C // self.num_heads
     kinit = trunc_normal_init(self.init_std)
-    qkv = nn.Dense(
+    qkv = Dense(
       3 * C,
       use_bias=False,
       kernel_init=param_init(kinit, ("embed", "heads")),
@@ -162,7 +163,7 @@ class SelfAttention(nn.Module):
     q_bias = self.param("q_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
     v_bias = self.param("v_bias", param_init(nn.initializers.zeros, ("heads",)), (C,))
     # The k bias is a zero buffer in the official code: not a parameter.
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    qkv = add_bias(qkv, jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype))
     qkv = qkv.reshape(B, L, 3, H, hd)  # torch: view(B, L, 3, H, hd)
     qkv_names = ("batch", "seq", "heads", "kv")
     q, k, v = (constrain(qkv[:, :, i], qkv_names) for i in range(3))
@@ -189,7 +190,7 @@ class SelfAttention(nn.Module):
     out = attention(q, k, v, mask=mask, impl=self.attn_impl, scale=scale, q_offset=cache_index)
     out = constrain(out, qkv_names).reshape(B, L, C)
     proj_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
-    out = nn.Dense(
+    out = Dense(
       C,
       kernel_init=param_init(proj_init, ("heads", "embed")),
       bias_init=param_init(nn.initializers.zeros, ("embed",)),
@@ -210,7 +211,7 @@ class FFN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     C = x.shape[-1]
     kinit = trunc_normal_init(self.init_std)
-    h = nn.Dense(
+    h = Dense(
       self.hidden,
       kernel_init=param_init(kinit, ("embed", "mlp")),
       bias_init=param_init(nn.initializers.zeros, ("mlp",)),
@@ -219,7 +220,7 @@ class FFN(nn.Module):
     )(x)
     h = constrain(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))
     fc2_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
-    return nn.Dense(
+    return Dense(
       C,
       kernel_init=param_init(fc2_init, ("mlp", "embed")),
       bias_init=param_init(nn.initializers.zeros, ("embed",)),
@@ -301,7 +302,7 @@ class AdaLNSelfAttn(nn.Module):
       )
       ada_Bx1x6xC = (ada_gss + cond).astype(x_BxLxC.dtype)
     else:
-      ada = nn.Dense(
+      ada = Dense(
         6 * C,
         kernel_init=param_init(
           adaln_kernel_init(self.init_std, self.aln, self.alng), ("embed", "mlp")
@@ -348,7 +349,7 @@ class AdaLNBeforeHead(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxC: jax.Array, cond_BxD: jax.Array) -> jax.Array:
     C = x_BxLxC.shape[-1]
-    ada = nn.Dense(
+    ada = Dense(
       2 * C,
       kernel_init=param_init(
         scaled_init(trunc_normal_init(self.init_std), self.init_adaln), ("embed", "mlp")

@@ -41,7 +41,7 @@ import numpy as np
 
 from arvision import precision
 from arvision.models import scan_layers
-from arvision.models.common import param_count  # noqa: F401
+from arvision.models.common import Dense, param_count  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.heads import DiffusionHead
 from arvision.ops import masks
@@ -52,9 +52,9 @@ from arvision.sampling import guidance
 _BLE = ("batch", "seq", "embed")
 
 
-def _dense(features: int, names: tuple, name: str, use_bias: bool = True) -> nn.Dense:
+def _dense(features: int, names: tuple, name: str, use_bias: bool = True) -> Dense:
   """torch Linear with the official MAR init: xavier-uniform weight, zero bias."""
-  return nn.Dense(
+  return Dense(
     features,
     use_bias=use_bias,
     kernel_init=param_init(nn.initializers.xavier_uniform(), names),

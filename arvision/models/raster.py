@@ -35,7 +35,7 @@ import optax
 
 from arvision import precision
 from arvision.models import scan_layers
-from arvision.models.common import param_count, top1_correct  # noqa: F401
+from arvision.models.common import Dense, param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import drop_path, drop_path_rates
 from arvision.ops import masks
@@ -138,10 +138,10 @@ class FeedForward(nn.Module):
     C = x.shape[-1]
     up = normal_init(self.init_std, ("embed", "mlp"))
     dtype = current_dtype()
-    w1 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w1", dtype=dtype)
-    w3 = nn.Dense(self.hidden, use_bias=False, kernel_init=up, name="w3", dtype=dtype)
+    w1 = Dense(self.hidden, use_bias=False, kernel_init=up, name="w1", dtype=dtype)
+    w3 = Dense(self.hidden, use_bias=False, kernel_init=up, name="w3", dtype=dtype)
     down = normal_init(self.init_std, ("mlp", "embed"))
-    w2 = nn.Dense(C, use_bias=False, kernel_init=down, name="w2", dtype=dtype)
+    w2 = Dense(C, use_bias=False, kernel_init=down, name="w2", dtype=dtype)
     h = constrain(nn.silu(w1(x)) * w3(x), ("batch", "seq", "mlp"))
     return nn.Dropout(self.dropout)(w2(h), deterministic=deterministic)
 
@@ -169,7 +169,7 @@ class Attention(nn.Module):
     B, L, C = x_BxLxC.shape
     H, Hkv = self.n_head, self.n_kv_head
     hd = C // H
-    qkv = nn.Dense(
+    qkv = Dense(
       (H + 2 * Hkv) * hd,
       use_bias=False,
       kernel_init=normal_init(self.init_std, ("embed", "heads")),
@@ -186,7 +186,7 @@ class Attention(nn.Module):
       new_cache = update_kv_cache(cache, k, v, cache_index)
       k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
     out = attention(q, k, v, mask=mask, impl=self.attn_impl, q_offset=cache_index)
-    out = nn.Dense(
+    out = Dense(
       C,
       use_bias=False,
       kernel_init=normal_init(self.init_std, ("heads", "embed")),
@@ -356,7 +356,7 @@ class RasterTransformer(nn.Module):
         for i in range(self.num_blocks())
       ]
     self.norm = RMSNorm(self.norm_eps)
-    self.output = nn.Dense(
+    self.output = Dense(
       self.vocab_size,
       use_bias=False,
       kernel_init=param_init(nn.initializers.zeros, ("embed", "vocab")),

@@ -25,7 +25,7 @@ import optax
 from arvision import precision
 from arvision.models import heads as heads_lib
 from arvision.models import next_scale, scan_layers
-from arvision.models.common import param_count, top1_correct  # noqa: F401
+from arvision.models.common import Dense, param_count, top1_correct  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.layers import (
   AdaLNBeforeHead,
@@ -121,7 +121,7 @@ class VAR(nn.Module):
     first_l = self.lengths[0]
     embed_b = param_init(zeros, ("embed",))
     dtype = precision.current_dtype()  # compute dtype (params stay float32)
-    self.word_embed = nn.Dense(
+    self.word_embed = Dense(
       C, kernel_init=param_init(tn, ("latent", "embed")), bias_init=embed_b, dtype=dtype
     )
     self.class_emb = nn.Embed(
@@ -129,7 +129,7 @@ class VAR(nn.Module):
     )
     self._setup_positions(first_l, auto_std, tn, dtype)
     if self.shared_aln:
-      self.shared_ada_lin = nn.Dense(
+      self.shared_ada_lin = Dense(
         6 * C,
         kernel_init=param_init(tn, ("embed", "mlp")),
         bias_init=param_init(zeros, ("mlp",)),

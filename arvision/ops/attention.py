@@ -277,22 +277,50 @@ def _xla_attention(q, k, v, mask, scale, q_offset, blocked: bool = True):
   hv = jax.lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
   q_BxQxKxGxD = q.reshape(b, lq, hkv, g, d)
 
+  # Both products are `dot_general`s over [B, Hkv, rows, D] operands, batch axes leading, with
+  # the results in the layout they are used in: the scores come out as [B, Hkv, G * Q, K] (the
+  # `einsum` "bqhgd,bkhd->bhgqk" made XLA:CPU compute k . q^T and copy the largest tensor
+  # transposed), and only the [B, L, H, D] q, k, v and the output are transposed. Key padding
+  # keeps the einsums: its float ops are `jax.nn.dot_product_attention`'s (see _padded_softmax).
+  padded = isinstance(mask, masks_lib.KeyLength)
+
   def scores(q_part, k_part):
-    logits = jnp.einsum(
-      "bqhgd,bkhd->bhgqk", q_part, k_part, precision=hi, preferred_element_type=jnp.float32
+    nq, nk = q_part.shape[1], k_part.shape[1]
+    if padded:
+      logits = jnp.einsum(
+        "bqhgd,bkhd->bhgqk", q_part, k_part, precision=hi, preferred_element_type=jnp.float32
+      )
+      return logits * jnp.float32(scale)
+    q_h = q_part.transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, d)
+    logits = jax.lax.dot_general(
+      q_h,
+      k_part.transpose(0, 2, 1, 3),
+      (((3,), (3,)), ((0, 1), (0, 1))),
+      precision=hi,
+      preferred_element_type=jnp.float32,
     )
-    return logits * jnp.float32(scale)
+    return logits.reshape(b, hkv, g, nq, nk) * jnp.float32(scale)
 
   def weighted(probs, v_part):
     # Probabilities meet v in v's dtype with float32 accumulation, like torch's and jax's
     # references.
-    return jnp.einsum(
-      "bhgqk,bkhd->bqhgd",
-      probs.astype(v.dtype),
-      v_part,
+    nq, nk = probs.shape[3], probs.shape[4]
+    if padded:
+      return jnp.einsum(
+        "bhgqk,bkhd->bqhgd",
+        probs.astype(v.dtype),
+        v_part,
+        precision=hv,
+        preferred_element_type=jnp.float32,
+      )
+    out = jax.lax.dot_general(
+      probs.astype(v.dtype).reshape(b, hkv, g * nq, nk),
+      v_part.transpose(0, 2, 1, 3),
+      (((3,), (2,)), ((0, 1), (0, 1))),
       precision=hv,
       preferred_element_type=jnp.float32,
     )
+    return out.reshape(b, hkv, g, nq, dv).transpose(0, 3, 1, 2, 4)  # [B, Q, Hkv, G, Dv]
 
   groups = _query_groups(mask, lq, lk, q_offset) if blocked else None
   if groups is not None:
