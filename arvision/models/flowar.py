@@ -48,7 +48,7 @@ from arvision.models.generator import Generator
 from arvision.models.heads import TimestepEmbedder
 from arvision.models.mar import disa_steps
 from arvision.models.raster import RMSNorm, apply_rope
-from arvision.models.xar import Block, SwiGLU, _dense, cell_cfg, rms_norm
+from arvision.models.xar import SwiGLU, _dense, cell_cfg, rms_norm, run_blocks, setup_ar_body
 from arvision.ops import masks, resize
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
@@ -253,42 +253,12 @@ class FlowAR(nn.Module):
     return tuple(int(s) for s in np.cumsum((0,) + self.lengths[:-1]))
 
   def setup(self):
-    D, Dd, L = self.encoder_dim, self.decoder_dim, sum(self.lengths)
-    normal = nn.initializers.normal(0.02)
-    self.class_emb = nn.Embed(
-      self.num_classes + 1,
-      D,
-      embedding_init=param_init(normal, ("classes", "embed")),
-      dtype=precision.current_dtype(),
-    )
-    self.z_proj = _dense(D, ("latent", "embed"), "z_proj")
-    self.z_proj_ln = RMSNorm(self.norm_eps)
-    pos = (None, "seq", "embed")
-    self.encoder_pos_embed_learned = self.param(
-      "encoder_pos_embed_learned", param_init(normal, pos), (1, L, D)
-    )
-    blk = dict(
-      mask=masks.scale_causal(self.lengths),
-      mlp_ratio=self.mlp_ratio,
-      norm_eps=self.norm_eps,
-      attn_impl=self.attn_impl,
-    )
-    self.encoder_blocks = [
-      Block(self.encoder_heads, **blk, name=f"encoder_blocks_{i}")
-      for i in range(self.encoder_depth)
-    ]
-    self.encoder_norm = RMSNorm(self.norm_eps)
-    self.decoder_embed = _dense(Dd, (None, "embed"), "decoder_embed")
-    self.decoder_pos_embed_learned = self.param(
-      "decoder_pos_embed_learned", param_init(normal, pos), (1, L, Dd)
-    )
-    self.decoder_blocks = [
-      Block(self.decoder_heads, **blk, name=f"decoder_blocks_{i}")
-      for i in range(self.decoder_depth)
-    ]
-    self.decoder_norm = RMSNorm(self.norm_eps)
+    L = sum(self.lengths)
+    setup_ar_body(self, L, masks.scale_causal(self.lengths))
     self.diffusion_pos_embed_learned = self.param(
-      "diffusion_pos_embed_learned", param_init(normal, pos), (1, L, Dd)
+      "diffusion_pos_embed_learned",
+      param_init(nn.initializers.normal(0.02), (None, "seq", "embed")),
+      (1, L, self.decoder_dim),
     )
     self.flownet = FlowNet(
       self.token_dim, self.head_width, self.head_depth, self.cross, self.patch_nums[-1]
@@ -312,17 +282,6 @@ class FlowAR(nn.Module):
       np.concatenate([scale_rope(self.patch_nums[k], dim // heads, side) for k in scales])
     )
 
-  def _stack(self, x, cond, blocks, rope, caches, index: int):
-    new = []
-    for i, block in enumerate(blocks):
-      cache = None if caches is None else caches[i]
-      if cache is None:
-        x, _ = precision.block(block, x, cond, rope)
-      else:
-        x, cache = block(x, cond, rope, cache, index)
-      new.append(cache)
-    return x, new
-
   def forward_scales(self, h_BxQxD, cemb_BxD, first: int = 0, caches=None):
     """The AR condition z `[B, Q, Dd]` of scales `first ..` (Q tokens of embedded inputs:
     class token / `z_proj` outputs), with the caches updated (None: the whole sequence)."""
@@ -337,10 +296,10 @@ class FlowAR(nn.Module):
     cond = cemb_BxD[:, None, :]
     x = constrain(self.z_proj_ln(h_BxQxD + self.encoder_pos_embed_learned[:, sl]), _BLE)
     rope = self._rope(self.encoder_heads, self.encoder_dim, scales)
-    x, enc_c = self._stack(x, cond, self.encoder_blocks, rope, enc_c, start)
+    x, enc_c = run_blocks(self.encoder_blocks, x, cond, rope, enc_c, start)
     x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, sl]
     rope = self._rope(self.decoder_heads, self.decoder_dim, scales)
-    x, dec_c = self._stack(precision.cast(x), cond, self.decoder_blocks, rope, dec_c, start)
+    x, dec_c = run_blocks(self.decoder_blocks, precision.cast(x), cond, rope, dec_c, start)
     z = self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, sl]
     return z, (None if caches is None else enc_c + dec_c)
 

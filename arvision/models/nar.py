@@ -32,8 +32,11 @@ from arvision.models.raster import (
   RasterFamily,
   RasterTransformer,
   RMSNorm,
+  draw_per_token,
   find_multiple,
   normal_init,
+  refuse_fixed_decoding,
+  write_window,
 )
 from arvision.ops import masks
 from arvision.parallel.logical import constrain
@@ -175,12 +178,7 @@ class NARFamily(RasterFamily):
   def sample_tokens(self, params, labels, rng, **kw):
     """As `RasterFamily.sample_tokens`, one anti-diagonal per model call (no `order`/`schedule`
     arguments; plain decoding)."""
-    for name in ("order", "schedule"):
-      if kw.get(name) is not None:
-        raise ValueError(f"family 'nar' has a fixed {name}; do not pass {name}=")
-    if kw.get("decode", "plain") != "plain":
-      raise ValueError(f"family 'nar' decodes anti-diagonals; decode={kw['decode']!r} is for "
-                       "one-token-per-step models")  # fmt: skip
+    refuse_fixed_decoding("nar", kw, "anti-diagonals")
     return super().sample_tokens(params, labels, rng, **kw)
 
   def _sample_impl(
@@ -238,18 +236,8 @@ class NARFamily(RasterFamily):
       logits = guidance.guide(logits_2BxKxV[:B], logits_2BxKxV[B:], scale, active=scale > 1.0)
       filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
       tt = a + jnp.arange(K)
-      keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(tt)
-      tok = jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
-        keys, filtered
-      ).astype(jnp.int32)
-      win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
-      tok = jnp.where(win(known_mask), win(known), tok)
-      valid = jnp.arange(K)[None, :] < n
-      seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
-      if return_logits:
-        lg = jnp.where(valid[..., None], logits, win(out_logits))
-        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
-      return seq, out_logits
+      tok = draw_per_token(rng, tt, filtered)
+      return write_window(seq, out_logits, a, n, tok, logits, known, known_mask, return_logits)
 
     seq = jnp.zeros((B, N + K), jnp.int32)
     out_logits = jnp.zeros((B, N + K, V) if return_logits else (0,), jnp.float32)

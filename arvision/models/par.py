@@ -28,7 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arvision.models.raster import RasterFamily, RasterTransformer, normal_init
+from arvision.models.raster import (
+  RasterFamily,
+  RasterTransformer,
+  draw_per_token,
+  normal_init,
+  refuse_fixed_decoding,
+  write_window,
+)
 from arvision.ops import masks
 from arvision.precision import current_dtype
 from arvision.sampling import guidance, orders
@@ -157,12 +164,7 @@ class PARFamily(RasterFamily):
   def sample_tokens(self, params, labels, rng, **kw):
     """As `RasterFamily.sample_tokens`, in PAR's own order and schedule (no `order`/`schedule`
     arguments) with plain decoding."""
-    for name in ("order", "schedule"):
-      if kw.get(name) is not None:
-        raise ValueError(f"family 'par' has a fixed {name}; do not pass {name}=")
-    if kw.get("decode", "plain") != "plain":
-      raise ValueError(f"family 'par' decodes groups in parallel; decode={kw['decode']!r} is "
-                       "for one-token-per-step models")  # fmt: skip
+    refuse_fixed_decoding("par", kw, "groups in parallel")
     return super().sample_tokens(params, labels, rng, **kw)
 
   def _sample_impl(
@@ -215,18 +217,8 @@ class PARFamily(RasterFamily):
       scale = guidance.interval(cfg, jnp.asarray(cfg_step)[tt], cfg_interval)[None, :, None]
       logits = guidance.guide(logits_2B[:B], logits_2B[B:], scale, active=scale > 1.0)
       filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
-      keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(tt)
-      tok = jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
-        keys, filtered
-      ).astype(jnp.int32)
-      win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
-      tok = jnp.where(win(known_mask), win(known), tok)
-      valid = jnp.arange(K)[None, :] < k
-      seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
-      if return_logits:
-        lg = jnp.where(valid[..., None], logits, win(out_logits))
-        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
-      return seq, out_logits
+      tok = draw_per_token(rng, tt, filtered)
+      return write_window(seq, out_logits, a, k, tok, logits, known, known_mask, return_logits)
 
     seq = jnp.zeros((B, N + M), jnp.int32)
     out_logits = jnp.zeros((B, N + M, V) if return_logits else (0,), jnp.float32)

@@ -32,8 +32,10 @@ from arvision.models.raster import (
   RasterFamily,
   RasterTransformer,
   apply_rope,
+  draw_per_token,
   find_multiple,
   normal_init,
+  write_window,
 )
 from arvision.ops import masks
 from arvision.sampling import guidance
@@ -169,18 +171,8 @@ class RandARFamily(RasterFamily):
       logits = guidance.guide(logits_2B[:B], logits_2B[B:], scale, active=cfg > 1.0)
       filtered = filter_top_k_top_p(logits * inv_temp, top_k, top_p)
       tt = a + jnp.arange(K)
-      keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(tt)
-      tok = jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
-        keys, filtered
-      ).astype(jnp.int32)
-      win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
-      tok = jnp.where(win(known_mask), win(known), tok)
-      valid = jnp.arange(K)[None, :] < n
-      seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
-      if return_logits:
-        lg = jnp.where(valid[..., None], logits, win(out_logits))
-        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
-      return seq, out_logits
+      tok = draw_per_token(rng, tt, filtered)
+      return write_window(seq, out_logits, a, n, tok, logits, known, known_mask, return_logits)
 
     # prefill: class token and q_0 at slots 0, 1
     cls = mod.apply(var, labels_2B, method=RasterTransformer.embed_cond)

@@ -466,6 +466,44 @@ class RasterTransformer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# Decoding pieces the parallel-decoding families (nar, par, randar) share
+
+
+def refuse_fixed_decoding(family: str, kw: dict, decodes: str) -> None:
+  """A family with its own order and schedule refuses `order=`, `schedule=` and a `decode=` other
+  than plain (`decodes`: what it decodes per call, for the message)."""
+  for name in ("order", "schedule"):
+    if kw.get(name) is not None:
+      raise ValueError(f"family {family!r} has a fixed {name}; do not pass {name}=")
+  if kw.get("decode", "plain") != "plain":
+    raise ValueError(f"family {family!r} decodes {decodes}; decode={kw['decode']!r} is for "
+                     "one-token-per-step models")  # fmt: skip
+
+
+def draw_per_token(rng: jax.Array, t_K: jax.Array, filtered_BxKxV: jax.Array) -> jax.Array:
+  """Tokens `[B, K]` for positions `t`, one key `fold_in(rng, t)` per position (the keys of
+  sequential decoding)."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(t_K)
+  return jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
+    keys, filtered_BxKxV
+  )
+
+
+def write_window(seq, out_logits, a, k, tok_BxK, logits_BxKxV, known, known_mask, return_logits):
+  """Writes the drawn tokens (the `known` ones where `known_mask`) and, with `return_logits`,
+  their logits at positions `a .. a + k - 1`; the window's rows past `k` keep what is there."""
+  K = tok_BxK.shape[1]
+  win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
+  tok = jnp.where(win(known_mask), win(known), tok_BxK.astype(jnp.int32))
+  valid = jnp.arange(K)[None, :] < k
+  seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
+  if return_logits:
+    lg = jnp.where(valid[..., None], logits_BxKxV, win(out_logits))
+    out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
+  return seq, out_logits
+
+
+# ------------------------------------------------------------------------------------------------
 # Family
 
 
@@ -649,18 +687,8 @@ class RasterFamily(Generator):
       if K == 1:
         tok = jax.random.categorical(jax.random.fold_in(rng, a), filtered[:, 0], axis=-1)[:, None]
       else:  # one key per token, as in sequential decoding
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(t)
-        tok = jax.vmap(lambda kk, f: jax.random.categorical(kk, f, axis=-1), (0, 1), 1)(
-          keys, filtered
-        )
-      win = lambda x: jax.lax.dynamic_slice_in_dim(x, a, K, axis=1)  # noqa: E731
-      tok = jnp.where(win(known_mask), win(known), tok.astype(jnp.int32))
-      valid = jnp.arange(K)[None, :] < k
-      seq = jax.lax.dynamic_update_slice_in_dim(seq, jnp.where(valid, tok, win(seq)), a, axis=1)
-      if return_logits:
-        lg = jnp.where(valid[..., None], logits, win(out_logits))
-        out_logits = jax.lax.dynamic_update_slice_in_dim(out_logits, lg, a, axis=1)
-      return seq, out_logits
+        tok = draw_per_token(rng, t, filtered)
+      return write_window(seq, out_logits, a, k, tok, logits, known, known_mask, return_logits)
 
     # Normed hidden states of every fed slot: token t is read at slot P + t - k_s (orders.py).
     hbuf = jnp.zeros((2 * B, P + N + K, mod.dim), jnp.float32)

@@ -188,6 +188,56 @@ class Block(nn.Module):
     return constrain(x, _BLE), cache
 
 
+def setup_ar_body(m: nn.Module, seq_len: int, mask: masks.MaskSpec) -> None:
+  """The AR body xAR and FlowAR share, set on `m` from its `setup()`: `class_emb` (with the null
+  class), `z_proj`, `z_proj_ln`, `encoder_pos_embed_learned`, `encoder_blocks_{i}`,
+  `encoder_norm`, `decoder_embed`, `decoder_pos_embed_learned`, `decoder_blocks_{i}`,
+  `decoder_norm` (the official names; `m`'s own params come after these, in this order, so the
+  initialisation is unchanged). `m` has the sizes (`num_classes`, `encoder_*`, `decoder_*`) and
+  `mlp_ratio`, `norm_eps`, `attn_impl`."""
+  D, Dd, L = m.encoder_dim, m.decoder_dim, seq_len
+  normal = nn.initializers.normal(0.02)
+  m.class_emb = nn.Embed(
+    m.num_classes + 1,
+    D,
+    embedding_init=param_init(normal, ("classes", "embed")),
+    dtype=precision.current_dtype(),
+  )
+  m.z_proj = _dense(D, ("latent", "embed"), "z_proj")
+  m.z_proj_ln = RMSNorm(m.norm_eps)
+  pos = (None, "seq", "embed")
+  m.encoder_pos_embed_learned = m.param(
+    "encoder_pos_embed_learned", param_init(normal, pos), (1, L, D)
+  )
+  blk = dict(mask=mask, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps, attn_impl=m.attn_impl)
+  m.encoder_blocks = [
+    Block(m.encoder_heads, **blk, name=f"encoder_blocks_{i}") for i in range(m.encoder_depth)
+  ]
+  m.encoder_norm = RMSNorm(m.norm_eps)
+  m.decoder_embed = _dense(Dd, (None, "embed"), "decoder_embed")
+  m.decoder_pos_embed_learned = m.param(
+    "decoder_pos_embed_learned", param_init(normal, pos), (1, L, Dd)
+  )
+  m.decoder_blocks = [
+    Block(m.decoder_heads, **blk, name=f"decoder_blocks_{i}") for i in range(m.decoder_depth)
+  ]
+  m.decoder_norm = RMSNorm(m.norm_eps)
+
+
+def run_blocks(blocks, x, cond, rope, caches, index: int):
+  """`blocks` in turn (under the remat mode without a cache; with one, the queries at positions
+  `index ..` and each block's cache updated): `(x, new caches)`."""
+  new = []
+  for i, block in enumerate(blocks):
+    cache = None if caches is None else caches[i]
+    if cache is None:
+      x, _ = precision.block(block, x, cond, rope)
+    else:
+      x, cache = block(x, cond, rope, cache, index)
+    new.append(cache)
+  return x, new
+
+
 class XAR(nn.Module):
   """The xAR network (official `xAR`): cell-ordered noisy tokens + per-cell times -> velocity.
 
@@ -224,41 +274,8 @@ class XAR(nn.Module):
     return self.seq_len // (self.cells * self.cells)
 
   def setup(self):
-    D, Dd, L = self.encoder_dim, self.decoder_dim, self.seq_len
-    normal = nn.initializers.normal(0.02)
-    self.class_emb = nn.Embed(
-      self.num_classes + 1,
-      D,
-      embedding_init=param_init(normal, ("classes", "embed")),
-      dtype=precision.current_dtype(),
-    )
-    self.time_embed = TimestepEmbedder(D)
-    self.z_proj = _dense(D, ("latent", "embed"), "z_proj")
-    self.z_proj_ln = RMSNorm(self.norm_eps)
-    pos = (None, "seq", "embed")
-    self.encoder_pos_embed_learned = self.param(
-      "encoder_pos_embed_learned", param_init(normal, pos), (1, L, D)
-    )
-    blk = dict(
-      mask=masks.chunk_causal(self.chunk),
-      mlp_ratio=self.mlp_ratio,
-      norm_eps=self.norm_eps,
-      attn_impl=self.attn_impl,
-    )
-    self.encoder_blocks = [
-      Block(self.encoder_heads, **blk, name=f"encoder_blocks_{i}")
-      for i in range(self.encoder_depth)
-    ]
-    self.encoder_norm = RMSNorm(self.norm_eps)
-    self.decoder_embed = _dense(Dd, (None, "embed"), "decoder_embed")
-    self.decoder_pos_embed_learned = self.param(
-      "decoder_pos_embed_learned", param_init(normal, pos), (1, L, Dd)
-    )
-    self.decoder_blocks = [
-      Block(self.decoder_heads, **blk, name=f"decoder_blocks_{i}")
-      for i in range(self.decoder_depth)
-    ]
-    self.decoder_norm = RMSNorm(self.norm_eps)
+    setup_ar_body(self, self.seq_len, masks.chunk_causal(self.chunk))
+    self.time_embed = TimestepEmbedder(self.encoder_dim)
     self.pred = _dense(self.token_dim, ("embed", "latent"), "pred")
 
   def _rope(self, heads: int, dim: int) -> np.ndarray:
@@ -278,17 +295,6 @@ class XAR(nn.Module):
     temb = self.time_embed(steps).reshape(B, N, -1)
     return self.class_emb(label_B)[:, None, :] + temb
 
-  def _stack(self, x, cond, blocks, rope, caches, first: int):
-    new = []
-    for i, block in enumerate(blocks):
-      cache = None if caches is None else caches[i]
-      if cache is None:
-        x, _ = precision.block(block, x, cond, rope)
-      else:
-        x, cache = block(x, cond, rope, cache, first * self.chunk)
-      new.append(cache)
-    return x, new
-
   def forward_cells(self, x_BxQxC, cond_BxNqxD, first: int = 0, caches=None):
     """The network on cells `first ..` (`Q` tokens) given `cond [B, Q / chunk, D]`: the velocity
     `[B, Q, C]` in xAR's convention (`eps - x`) and the updated caches (encoder blocks then
@@ -302,10 +308,12 @@ class XAR(nn.Module):
     x = self.z_proj(x_BxQxC.astype(jnp.float32)) + self.encoder_pos_embed_learned[:, sl]
     x = constrain(self.z_proj_ln(x), _BLE)
     rope = jnp.asarray(self._rope(self.encoder_heads, D)[sl])
-    x, enc_c = self._stack(x, cond_BxNqxD, self.encoder_blocks, rope, enc_c, first)
+    x, enc_c = run_blocks(self.encoder_blocks, x, cond_BxNqxD, rope, enc_c, sl.start)
     x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, sl]
     rope = jnp.asarray(self._rope(self.decoder_heads, Dd)[sl])
-    x, dec_c = self._stack(precision.cast(x), cond_BxNqxD, self.decoder_blocks, rope, dec_c, first)
+    x, dec_c = run_blocks(
+      self.decoder_blocks, precision.cast(x), cond_BxNqxD, rope, dec_c, sl.start
+    )
     v = self.pred(self.decoder_norm(x)).astype(jnp.float32)
     return v, (None if caches is None else enc_c + dec_c)
 
