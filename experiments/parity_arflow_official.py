@@ -41,6 +41,9 @@ import types
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts are not a package
+from parity_common import git_head, write_rows  # noqa: E402
+
 SMALL = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=4)
 NUM_CLASSES = 10
 RELEASED = ("ARFlow-S/2", "ARFlow-B/4", "ARFlow-L/2", "ARFlow-XL/2")
@@ -261,7 +264,7 @@ def parity(reference: str, out: str, batch: int = 2, seq: int = 3, num_steps: in
       "python experiments/parity_arflow_official.py --reference <TheFllood/ARFlow checkout> "
       f"--out {out}"
     ),
-    reference_commit=_git_head(reference),
+    reference_commit=git_head(reference),
     replaced_official_ops=dict(
       chunk_gate_recurrent="Triton kernel -> torch loop S_{i+1} = S_i * d_i + kv_i (its math)",
       swiglu="torch.cuda.jiterator kernel -> x * sigmoid(x) * y (its source)",
@@ -283,22 +286,7 @@ def parity(reference: str, out: str, batch: int = 2, seq: int = 3, num_steps: in
     device=str(jax.devices()[0]),
     seconds=round(time.time() - t0, 1),
   )
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(rec, f, indent=2)
-  print(f"{'quantity':40s} value")
-  for k, v in rows.items():
-    print(f"{k:40s} {v:.3e}")
-  return rows
-
-
-def _git_head(path: str) -> str:
-  import subprocess
-
-  try:
-    return subprocess.check_output(["git", "-C", path, "rev-parse", "HEAD"], text=True).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  return write_rows(out, rec, rows)
 
 
 def main():

@@ -30,6 +30,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts are not a package
+from parity_common import git_head, write_rows  # noqa: E402
+
 SMALL = dict(
   img_size=256,
   vae_stride=16,
@@ -231,7 +234,7 @@ def parity(reference: str, out: str, batch: int = 2, num_steps: int = 4, cfg: fl
     command=(
       f"python experiments/parity_flowar_official.py --reference <FlowAR checkout> --out {out}"
     ),
-    reference_commit=_git_head(reference),
+    reference_commit=git_head(reference),
     small=SMALL,
     sampling=dict(
       batch=batch, num_steps=num_steps, cfg=cfg, guidance=0.9, labels=sample_labels.tolist()
@@ -242,22 +245,7 @@ def parity(reference: str, out: str, batch: int = 2, num_steps: int = 4, cfg: fl
     device=str(jax.devices()[0]),
     seconds=round(time.time() - t0, 1),
   )
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(rec, f, indent=2)
-  print(f"{'quantity':40s} value")
-  for k, v in rows.items():
-    print(f"{k:40s} {v:.3e}")
-  return rows
-
-
-def _git_head(path: str) -> str:
-  import subprocess
-
-  try:
-    return subprocess.check_output(["git", "-C", path, "rev-parse", "HEAD"], text=True).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  return write_rows(out, rec, rows)
 
 
 def main():

@@ -22,6 +22,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts are not a package
+from parity_common import write_rows  # noqa: E402
+
 SMALL = dict(
   img_size=64,
   vae_stride=16,
@@ -205,13 +208,7 @@ def parity(reference: str, out: str, batch: int = 2):
     device=str(jax.devices()[0]),
     seconds=round(time.time() - t0, 1),
   )
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(rec, f, indent=2)
-  print(f"{'quantity':40s} value")
-  for k, v in rows.items():
-    print(f"{k:40s} {v:.3e}")
-  return rows
+  return write_rows(out, rec, rows)
 
 
 def main():

@@ -16,16 +16,15 @@ key must map) and compares, for M = 4 regions (`-4x`) and 16 regions (`-16x`, an
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts are not a package
+from parity_common import run_record, small_raster_config, write_record  # noqa: E402
 
 SMALL = dict(n_layer=2, n_head=4, dim=64, vocab_size=64, num_classes=10)
 
@@ -41,19 +40,7 @@ def _imports(reference: str):
 def small_config(grid: int, regions: int):
   """The arvision `par` config with the small official model's shapes (a VQ-16 tokenizer shape
   at `grid` x `grid` codes, random weights: only the transformer is compared)."""
-  from arvision import config_util  # noqa: PLC0415
-
-  c = mlc.ConfigDict(config_util.load_config_file("par.py:smoke").to_dict())
-  tok = mlc.ConfigDict(config_util.load_config_file("tokenizer.py:llamagen_vq16").to_dict())
-  tok.model.update(ch_mult=(1, 2), z_channels=8, vocab_size=SMALL["vocab_size"], ch=32)
-  tok.data.image_size = 2 * grid
-  c.tokenizer.config = tok
-  c.model.update(dim=SMALL["dim"], n_layer=SMALL["n_layer"], n_head=SMALL["n_head"])
-  c.model.update(multiple_of=256, attn_impl="xla", regions=regions)
-  c.model.update(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
-  c.data.num_classes = SMALL["num_classes"]
-  c.data.image_size, c.data.channels = 2 * grid, 3
-  return c
+  return small_raster_config("par", grid, SMALL, regions=regions)
 
 
 def compare(gpt, gen, grid: int, regions: int, batch: int) -> dict:
@@ -131,19 +118,12 @@ def main():
 
   gpt, gen = _imports(args.reference)
   torch.manual_seed(0)
-  rec = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "torch": torch.__version__}
-  rec["platform"] = platform.platform()
-  rec["dtype"] = "float32"
-  rec["command"] = (
+  rec = run_record(
     "python experiments/parity_par_official.py --reference PAR --batch "
     f"{args.batch} --out {args.out}"
   )
   rec["rows"] = [compare(gpt, gen, 4, 2, args.batch), compare(gpt, gen, 8, 4, args.batch)]
-  rec["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-  print(json.dumps(rec, indent=2))
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(rec, f, indent=2)
+  write_record(args.out, rec)
 
 
 if __name__ == "__main__":
