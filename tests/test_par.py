@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from tiny_vq import TinyVQ  # tests/ is on sys.path (conftest.py)
 
 from arvision import errors
 from arvision.convert import par as convert_par
@@ -13,25 +14,6 @@ from arvision.models import par
 
 GRID, REGIONS = 4, 2  # 16 tokens, M = 4 regions: 4 single steps + 3 group steps
 M, N = REGIONS * REGIONS, GRID * GRID
-
-
-class TinyVQ:
-  """A VQ-like tokenizer: code v is the grey level `levels[v]` of a 2x2 patch."""
-
-  def __init__(self, vocab_size=16, latent_size=GRID):
-    self.config = mlc.ConfigDict(dict(model=dict(vocab_size=vocab_size)))
-    self.latent_size, self.vocab_size = latent_size, vocab_size
-
-  def init(self, rng):
-    return {"levels": jnp.linspace(-1.0, 1.0, self.vocab_size)}
-
-  def decode_idx(self, p, idx):
-    s = self.latent_size
-    v = p["levels"][idx].reshape(-1, s, 1, s, 1, 1)
-    return jnp.broadcast_to(v, (idx.shape[0], s, 2, s, 2, 1)).reshape(-1, 2 * s, 2 * s, 1)
-
-  def encode_idx(self, p, images):
-    raise NotImplementedError
 
 
 def make_config(**model):
@@ -43,7 +25,7 @@ def make_config(**model):
 
 @pytest.fixture(scope="module")
 def model():
-  tok = TinyVQ()
+  tok = TinyVQ(latent_size=GRID)
   fam = par.build(make_config(), tokenizer=tok)
   p = fam.init(jax.random.key(0), None)
   kernel = p["output"]["kernel"]  # zero-initialised head: random weights make logits informative
@@ -120,7 +102,7 @@ def test_par_rejects_other_orders_and_decodes(model):
   with pytest.raises(ValueError, match="decode='sjd'"):
     fam.sample_tokens(p, jnp.array([0]), jax.random.key(0), decode="sjd")
   with pytest.raises(ValueError, match="model.order must be 'regions'"):
-    par.build(make_config(order="raster"), tokenizer=TinyVQ())
+    par.build(make_config(order="raster"), tokenizer=TinyVQ(latent_size=GRID))
 
 
 def test_convert_maps_every_official_key(model):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from tiny_vq import TinyVQ  # tests/ is on sys.path (conftest.py)
 
 from arvision import errors
 from arvision.convert import randar as convert_randar
@@ -21,25 +22,6 @@ GRID = 4
 N = GRID * GRID
 
 
-class TinyVQ:
-  """A VQ-like tokenizer: code v is the grey level `levels[v]` of a 2x2 patch."""
-
-  def __init__(self, vocab_size=16, latent_size=GRID):
-    self.config = mlc.ConfigDict(dict(model=dict(vocab_size=vocab_size)))
-    self.latent_size, self.vocab_size = latent_size, vocab_size
-
-  def init(self, rng):
-    return {"levels": jnp.linspace(-1.0, 1.0, self.vocab_size)}
-
-  def decode_idx(self, p, idx):
-    s = self.latent_size
-    v = p["levels"][idx].reshape(-1, s, 1, s, 1, 1)
-    return jnp.broadcast_to(v, (idx.shape[0], s, 2, s, 2, 1)).reshape(-1, 2 * s, 2 * s, 1)
-
-  def encode_idx(self, p, images):
-    raise NotImplementedError
-
-
 def make_config(**model):
   m = dict(dim=32, n_layer=2, n_head=2, multiple_of=16, attn_impl="xla", order="random")
   m.update(schedule="randar", schedule_steps=6, token_dropout=0.0, resid_dropout=0.0)
@@ -49,7 +31,7 @@ def make_config(**model):
 
 @pytest.fixture(scope="module")
 def model():
-  tok = TinyVQ()
+  tok = TinyVQ(latent_size=GRID)
   fam = randar.build(make_config(), tokenizer=tok)
   p = fam.init(jax.random.key(0), None)
   kernel = p["output"]["kernel"]  # zero-initialised head: random weights make logits informative

@@ -8,31 +8,11 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 from scipy import stats
+from tiny_vq import TinyVQ  # tests/ is on sys.path (conftest.py)
 
 from arvision.models import raster
 from arvision.sampling import speculative
 from arvision.sampling.topk import filter_top_k_top_p
-
-
-class TinyVQ:
-  """A VQ-like tokenizer: code v is the grey level `levels[v]` of a patch (its 1-D codebook)."""
-
-  def __init__(self, vocab_size=16, latent_size=4, patch=2, codebook=True):
-    self.config = mlc.ConfigDict(dict(model=dict(vocab_size=vocab_size)))
-    self.latent_size, self.patch, self.vocab_size = latent_size, patch, vocab_size
-    if codebook:
-      self.codebook = lambda p: p["levels"][:, None]
-
-  def init(self, rng):
-    return {"levels": jnp.linspace(-1.0, 1.0, self.vocab_size)}
-
-  def encode_idx(self, p, images):
-    raise NotImplementedError  # sampling only
-
-  def decode_idx(self, p, idx):
-    s, P = self.latent_size, self.patch
-    v = p["levels"][idx].reshape(-1, s, 1, s, 1, 1)
-    return jnp.broadcast_to(v, (idx.shape[0], s, P, s, P, 1)).reshape(-1, s * P, s * P, 1)
 
 
 def make_config():
@@ -43,7 +23,7 @@ def make_config():
 
 
 def tiny(vocab_size=16, latent_size=4, scale=0.5, seed=1):
-  tok = TinyVQ(vocab_size=vocab_size, latent_size=latent_size)
+  tok = TinyVQ(vocab_size=vocab_size, latent_size=latent_size, codebook=True)
   fam = raster.build(make_config(), tokenizer=tok)
   p = fam.init(jax.random.key(0), None)
   # the head is zero-initialised: random weights make the logits informative
