@@ -65,7 +65,7 @@ quickstart-from-scratch: setup-core data
 
 test: setup data
 	$(BIN)/ruff check arvision configs experiments tests
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=25 tests
 
 # Minutes-long checks (e.g. the domain classifier reaching >= 90% on Fashion-MNIST).
 test-slow: setup data

@@ -250,6 +250,7 @@ def test_weights_errors_and_no_weights(generator, tmp_path):
   assert "inception" not in _read(out) and os.path.exists(os.path.join(out, "samples.npz"))
 
 
+@pytest.mark.slow  # ~40 s on 2 cores (Inception over the reference twice)
 def test_eval_split_reference_is_computed_once_and_cached(
   generator, weights_path, tmp_path, monkeypatch
 ):

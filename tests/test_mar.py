@@ -102,6 +102,7 @@ def test_padding_changes_nothing():
     )
 
 
+@pytest.mark.slow  # ~70 s on 2 cores (a gradient per token); make test keeps MAR's mask via its loss/sampler tests
 def test_encoder_sees_only_unmasked_tokens():
   fam, _, params = setup_mar()
   B, L, C = 2, fam.seq_len, fam.token_dim

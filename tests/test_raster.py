@@ -285,6 +285,7 @@ def test_build_errors():
     raster.build(make_config(order="spiral"), tokenizer=FakeVQ())
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; the loop is covered in make test by tests/test_generator_workdir.py (VAR)
 def test_smoke_config_trains_through_the_loop(tmp_path):
   from arvision import api, checkpoint, config_util, train
 
@@ -374,6 +375,7 @@ def test_parallel_schedule_logits_equal_block_causal_full_forward(schedule):
       np.testing.assert_allclose(lg, full_u + 3.0 * (full_c - full_u), atol=1e-4)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; make test keeps the logits-equal-block-causal check of the schedule
 def test_parallel_schedule_tokens_of_a_step_do_not_see_each_other():
   fam, _, params, _ = setup()
   schedule = (1, 1, 2, 3, 4, 5)
