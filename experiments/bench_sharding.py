@@ -279,6 +279,9 @@ def run_topologies(args) -> dict:
       out["rows"] += [
         r for r in json.load(f)["rows"] if (r["model"], r["topology"], r["strategy"]) not in have
       ]
+    out.update(_provenance(args))
+    if args.out:  # a merge alone (no --models, no --reports) is saved too
+      _write(args.out, out)
   for path in filter(None, args.reports.split(",")):  # `arvision compile --json` outputs
     with open(path) as f:
       rep = json.load(f)
@@ -383,7 +386,10 @@ def topology_table(result: dict) -> str:
   ]
   for r in result["rows"]:
     mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-    head = f"| {r['model']} | {r['topology']} | {r['strategy']} | {mesh} |"
+    # A scanned program (config.model.scan_layers) is another program: its compiler memory
+    # differs from the unrolled one's (docs/scaling.md), so the row says which it is.
+    strategy = r["strategy"] + (" (scan_layers)" if r.get("scan_layers") else "")
+    head = f"| {r['model']} | {r['topology']} | {strategy} | {mesh} |"
     if "skip" in r or "error" in r:
       lines.append(f"{head} {'skipped: ' + r['skip'] if 'skip' in r else 'failed'} |||||||")
       continue
