@@ -209,3 +209,37 @@ def test_sde_grid_and_bad_settings():
     af.sde_grid(1, 0.04)
   with pytest.raises(ValueError, match="last_step_size"):
     af.sde_grid(10, 1.5)
+
+
+def test_sde_sampler_on_a_gaussian_toy_reaches_the_data_law():
+  """With the exact velocity of Gaussian data N(mu, s^2) under x_t = t x_1 + (1 - t) eps
+  (v = mu + (t s^2 - (1 - t)) / V_t (x - t mu), V_t = t^2 s^2 + (1 - t)^2), the official SDE grid
+  and step carry N(0, 1) noise to the data's mean and spread; a wrong score (e.g. the plain
+  ODE drift with the SDE's noise) does not."""
+  mu, s, n, num_steps, last_step = 1.5, 0.5, 20000, 250, 0.04
+  t_S = jnp.asarray(af.sde_grid(num_steps, last_step)[:-1])
+  dt_em = t_S[1] - t_S[0]
+  k0, k1 = jax.random.split(jax.random.key(0))
+  w_S = jax.random.normal(k1, (num_steps, n))
+
+  def velocity(x, t):
+    var_t = t * t * s * s + (1.0 - t) ** 2
+    return mu + (t * s * s - (1.0 - t)) / var_t * (x - t * mu)
+
+  def run(step):
+    def body(x, xs):
+      i, t, w = xs
+      last = i == num_steps - 1
+      dt = jnp.where(last, last_step, dt_em)
+      return step(x, velocity(x, t), t, dt, dt_em, w, last), None
+
+    x, _ = jax.lax.scan(body, jax.random.normal(k0, (n,)), (jnp.arange(num_steps), t_S, w_S))
+    return float(x.mean()), float(x.std())
+
+  mean, std = run(af.sde_step)
+  assert abs(mean - mu) < 0.02 and abs(std - s) < 0.02, (mean, std)
+
+  def no_score(x, v, t, dt, dt_em, w, last):  # the ODE drift with the SDE's noise
+    return x + v * dt + jnp.where(last, 0.0, jnp.sqrt(2.0 * (1.0 - t) * dt_em) * w)
+
+  assert abs(run(no_score)[1] - s) > 0.1

@@ -103,6 +103,17 @@ def sde_grid(num_steps: int, last_step_size: float) -> np.ndarray:
   return np.concatenate([t, np.float32([1.0])])
 
 
+def sde_step(x, v, t, dt, dt_em, w, last):
+  """One step of the official Euler-Maruyama sampler (`sample_sde`, diffusion form "sigma") for
+  `x_t = t x_1 + (1 - t) eps`: drift `v + sigma * score` with `sigma = 1 - t` and the score
+  recovered from the velocity, `(t v - x) / (sigma^2 + t sigma)`; noise `sqrt(2 sigma dt_em) w`,
+  none on the `last` (noiseless "Mean") step of size `dt`."""
+  sigma = 1.0 - t
+  score = (t * v - x) / (sigma * sigma + t * sigma)
+  drift = v + sigma * score
+  return x + drift * dt + jnp.where(last, 0.0, jnp.sqrt(2.0 * sigma) * w * jnp.sqrt(dt_em))
+
+
 # ------------------------------------------------------------------------------------------------
 # Modules
 
@@ -464,14 +475,9 @@ class ARFlowFamily(Generator):
         v = jnp.concatenate(
           [u_v[..., :cc] + cfg * (c_v[..., :cc] - u_v[..., :cc]), c_v[..., cc:]], -1
         )
-      # official SDE drift: v + diffusion * score, diffusion "sigma" = 1 - t, score from v.
-      sigma = 1.0 - t
-      score = (t * v - x) / (sigma * sigma + t * sigma)
-      drift = v + sigma * score
       last = i == num_steps - 1
       dt = jnp.where(last, last_step_size, dt_em)
-      x_new = x + drift * dt + jnp.where(last, 0.0, jnp.sqrt(2.0 * sigma) * w * jnp.sqrt(dt_em))
-      return (x_new, states), None
+      return (sde_step(x, v, t, dt, dt_em, w, last), states), None
 
     (x, _), _ = jax.lax.scan(
       body, (noise, self.init_states(rows)), (jnp.arange(num_steps), t_S, steps)
