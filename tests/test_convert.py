@@ -13,6 +13,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from official_tables import count_params as _n
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import api, config_util, families
 from arvision import checkpoint as ckpt_lib
@@ -22,12 +24,6 @@ from arvision.convert import var as cv
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "data", "var_official_keys.json")) as f:
   TABLES = json.load(f)
-
-
-def _zeros_sd(table):
-  """A state dict with the official keys and shapes, backed by one scalar (no memory)."""
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
 
 
 def _random_sd(table, seed=0):
@@ -48,10 +44,6 @@ def _small_var_config():
   c.data.num_classes = 10
   c.tokenizer.config = _small_tok_config()
   return c
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 SKIPPED_VAE = {"quantize.ema_vocab_hit_SV"}

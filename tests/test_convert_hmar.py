@@ -11,10 +11,11 @@ import json
 import os
 import re
 
-import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from official_tables import count_params as _n
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import config_util, errors
 from arvision.convert import hmar as ch
@@ -26,11 +27,6 @@ with open(os.path.join(HERE, "data", "hmar_official_keys.json")) as f:
 BUFFERS = re.compile(r".*(lvl_1L|attn_bias_for_masking|zero_k_bias)$")
 
 
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
-
-
 def _random_sd(table, seed=0):
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal(tuple(s)).astype(np.float32) for k, s in table.items()}
@@ -38,10 +34,6 @@ def _random_sd(table, seed=0):
 
 def _n_official(table):
   return sum(int(np.prod(s)) for k, s in table.items() if not BUFFERS.fullmatch(k))
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _small_config(sd):

@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import config_util, errors
 from arvision.convert import common
@@ -21,11 +22,6 @@ from arvision.convert import infinity as ci
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "data", "infinity_official_keys.json")) as f:
   TABLES = json.load(f)
-
-
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
 
 
 def _n(table):

@@ -12,6 +12,8 @@ import os
 import jax
 import numpy as np
 import pytest
+from official_tables import count_params as _n
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import api, config_util
 from arvision import checkpoint as ckpt_lib
@@ -23,18 +25,9 @@ with open(os.path.join(HERE, "data", "llamagen_official_keys.json")) as f:
   TABLES = json.load(f)
 
 
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
-
-
 def _random_sd(table, seed=0):
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal(tuple(s)).astype(np.float32) for k, s in table.items()}
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _count(table, skip=()):

@@ -9,10 +9,11 @@ Numerical parity with the official code itself is `experiments/parity_mar_offici
 import json
 import os
 
-import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from official_tables import count_params as _n
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import config_util
 from arvision.convert import common
@@ -26,18 +27,9 @@ with open(os.path.join(HERE, "data", "mar_official_keys.json")) as f:
 SMALL = dict(width=64, depth=2, heads=4, buffer_size=8, diffloss_d=2, diffloss_w=96, classes=10)
 
 
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
-
-
 def _random_sd(table, seed=0):
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal(tuple(s)).astype(np.float32) for k, s in table.items()}
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _small_config():

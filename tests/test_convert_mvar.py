@@ -11,10 +11,10 @@ import json
 import os
 import re
 
-import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from official_tables import count_params as _n
 
 from arvision import errors
 from arvision.convert import mvar as cm
@@ -33,10 +33,6 @@ def _random_sd(table, seed=0):
 
 def _n_official(table):
   return sum(int(np.prod(s)) for k, s in table.items() if not BUFFERS.fullmatch(k))
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _small_config(sd):

@@ -10,9 +10,10 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
+from official_tables import count_params as _n
+from official_tables import zeros_sd as _zeros_sd
 
 from arvision import errors
 from arvision.convert import common
@@ -21,15 +22,6 @@ from arvision.convert import xar as cx
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "data", "xar_official_keys.json")) as f:
   TABLES = json.load(f)
-
-
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
-
-
-def _n(tree):
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def _n_params(table):

@@ -13,6 +13,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+from official_tables import zeros_sd as _zeros_sd
 
 import arvision
 from arvision import api, config_util, export
@@ -31,11 +32,6 @@ def _tables(name):
 
 
 VAR, LLAMAGEN, MAR = _tables("var"), _tables("llamagen"), _tables("mar")
-
-
-def _zeros_sd(table):
-  zero = np.zeros((), np.float32)
-  return {k: np.broadcast_to(zero, tuple(s)) for k, s in table.items()}
 
 
 def _random_sd(table, seed):
