@@ -15,9 +15,8 @@ import os
 import types
 from typing import Any
 
-# The tests compile far more than they compute: XLA:CPU with LLVM at -O0 compiles in about half
-# the CPU time (tests/test_var.py: 206 -> 100 CPU-s on a loaded 2-core machine) and its results
-# stay within every tolerance here. Set before jax creates its CPU client; inherited by the
+# The tests compile far more than they compute: XLA:CPU with LLVM at -O0 compiles much faster,
+# and its results stay within every tolerance here. Set before jax creates its CPU client; inherited by the
 # processes the tests start; a user's own optimisation level is kept.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
