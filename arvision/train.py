@@ -241,6 +241,21 @@ def _frozen_shardings(family, frozen, rules, mesh):
   return out
 
 
+def _check_batch_splits(config, mesh) -> None:
+  """The (micro-)batch must split evenly over the mesh's batch axes; say so before tracing."""
+  shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  accum = precision.accum_steps(config)
+  micro = int(config.data.batch_size) // accum
+  if micro % shards:
+    raise errors.UserError(
+      f"config.data.batch_size={config.data.batch_size} (micro-batch {micro} with "
+      f"optim.accum_steps={accum}) does not split over the {shards} devices of the mesh's batch "
+      f"axes {dict((a, int(mesh.shape[a])) for a in parallel.BATCH_AXES)}: use a batch size "
+      f"divisible by {shards}, or fewer devices (on CPU arvision makes 2 by default; "
+      "XLA_FLAGS=--xla_force_host_platform_device_count=1 makes 1)"
+    )
+
+
 def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
   """Builds the sharded train state and step of `config` for `family` on `mesh`.
 
@@ -255,6 +270,7 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   rules = parallel.get_rules(config.sharding.strategy)
   example = data.input_spec(config.data) if example is None else example
+  _check_batch_splits(config, mesh)
   tx, lr_fn = optim.make(config.optim, config.total_steps, config.data.batch_size)
   use_ema = config.optim.ema_decay > 0
   accum = precision.accum_steps(config)

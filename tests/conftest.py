@@ -23,6 +23,12 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
   ).strip()
 
+# One CPU device, as before arvision made two by default on a 2-core host (arvision/xla_flags.py):
+# the tests compare single-device paths and use batch sizes of 1 and 3. The two-device default is
+# the data-parallel mesh the sharding tests run on 4 and 8 devices; test_xla_flags checks it is set.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=1"
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections as mlc  # noqa: E402

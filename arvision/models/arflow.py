@@ -47,6 +47,7 @@ from arvision.kernels.chunked import (
 )
 from arvision.models.generator import Generator
 from arvision.models.heads import TimestepEmbedder
+from arvision.models.layers import gelu_tanh
 from arvision.models.xar import rms_norm
 from arvision.parallel.logical import param_init
 
@@ -168,7 +169,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.gelu(_dense(self.hidden, ("embed", "mlp"), "fc1")(x), approximate=True)
+    h = gelu_tanh(_dense(self.hidden, ("embed", "mlp"), "fc1")(x))
     return _dense(x.shape[-1], ("mlp", "embed"), "fc2")(h)
 
 

@@ -70,6 +70,7 @@ from arvision.models.layers import (
   AdaLNBeforeHead,
   drop_path,
   drop_path_rates,
+  gelu_tanh,
   l2_normalize,
   layer_norm,
   scaled_init,
@@ -528,7 +529,7 @@ class Infinity(nn.Module):
     """`(sos [B, C], ca_kv [B, T, C], gss [B, 1, 6, C])` from text features."""
     kv = rms_norm(text_BxTxK, self.text_norm, self.norm_eps)
     sos = self.sos_pool(None, kv, text_len_B)[:, 0].astype(jnp.float32)
-    ca_kv = self.text_proj_ca2(nn.gelu(self.text_proj_ca1(kv), approximate=True))
+    ca_kv = self.text_proj_ca2(gelu_tanh(self.text_proj_ca1(kv)))
     gss = self.shared_ada_lin(nn.silu(sos)).reshape(-1, 1, 6, self.width).astype(jnp.float32)
     return sos, ca_kv, gss
 

@@ -200,6 +200,17 @@ class SelfAttention(nn.Module):
     return out, new_cache
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU, tanh approximation: torch's `GELU(approximate="tanh")` formula, term by term.
+
+  Same math as `nn.gelu(x, approximate=True)` (max difference ~1e-7 in float32), written out
+  because XLA:CPU runs this form ~1.3-1.4x faster forward and backward (8320x512 float32, 2
+  cores; the `jax.nn` version is a separately jitted function with `x ** 3`).
+  """
+  u = 0.7978845608028654 * (x + 0.044715 * (x * x * x))  # sqrt(2 / pi)
+  return 0.5 * x * (1.0 + jnp.tanh(u))
+
+
 class FFN(nn.Module):
   """fc1 -> GELU(tanh) -> fc2, fc2 init divided by sqrt(2 * depth) (official `init_weights`)."""
 
@@ -218,7 +229,7 @@ class FFN(nn.Module):
       name="fc1",
       dtype=current_dtype(),
     )(x)
-    h = constrain(nn.gelu(h, approximate=True), ("batch", "seq", "mlp"))
+    h = constrain(gelu_tanh(h), ("batch", "seq", "mlp"))
     fc2_init = scaled_init(kinit, 1.0 / math.sqrt(2 * self.depth))
     return Dense(
       C,
