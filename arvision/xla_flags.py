@@ -46,6 +46,8 @@ def defaults() -> dict[str, str]:
   if _cores() >= CPU_DEVICES:
     out["xla_force_host_platform_device_count"] = str(CPU_DEVICES)
   return out
+
+
 # The jaxlib versions whose XLA knows these flags (an unknown flag aborts the process).
 MIN_JAXLIB = (0, 10)
 
