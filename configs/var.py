@@ -68,10 +68,10 @@ VAR_MODELS = {
 # Small variants: explicit sizes (width/heads override the 64*depth / depth rule).
 SMALL_MODELS = {
   "fmnist": dict(
-    # ~1.3M params, L=130 tokens. 300 steps: a step costs ~1.8 CPU-seconds (batch 64,
-    # experiments/results/profile_quickstart.json), so on a quiet 2-core CPU they take ~7 minutes
-    # and the whole `make quickstart` (setup, train, 1000-sample eval) ~12. 950 steps (the earlier
-    # recipe, ~23 minutes) sample better: quickstart_cpu.json records what this one reaches.
+    # ~1.3M params, L=130 tokens. 600 steps: with two CPU devices (arvision/xla_flags.py) a
+    # step of batch 64 takes well under a second on a quiet 2-core CPU, so the whole `make
+    # quickstart` (setup, train, 1000-sample eval) stays near 10 minutes; quickstart_cpu.json
+    # records its time and what it reaches (300 steps, the previous recipe, in its git history).
     tokenizer="tokenizer.py:fmnist_msvq",
     # The packaged run of that config (arvision/tokenizers/shipped.py): no tokenizer training; a
     # changed tokenizer config (or --config.tokenizer.checkpoint=) trains it in WORKDIR/tokenizer.
@@ -80,7 +80,7 @@ SMALL_MODELS = {
     width=128,
     heads=4,
     batch_size=64,
-    total_steps=300,
+    total_steps=600,
     lr=2e-3,
     warmup_steps=30,
     alng=1e-3,

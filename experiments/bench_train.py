@@ -346,6 +346,8 @@ def main(argv=None):
     what="training step s/step, arvision vs official PyTorch, alternating rounds; "
     "see experiments/bench_train.py",
     device=f"{jdev.platform}: {jdev.device_kind}",
+    # arvision's step splits the batch over these (arvision/xla_flags.py: 2 on a 2-core CPU).
+    num_devices=jax.device_count(),
     host=dict(
       cpu_count=os.cpu_count(),
       machine=platform.machine(),

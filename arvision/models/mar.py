@@ -44,6 +44,7 @@ from arvision.models import scan_layers
 from arvision.models.common import Dense, param_count  # noqa: F401
 from arvision.models.generator import Generator
 from arvision.models.heads import DiffusionHead
+from arvision.models.layers import gelu_erf
 from arvision.ops import masks
 from arvision.ops.attention import attention
 from arvision.parallel.logical import constrain, param_init
@@ -151,7 +152,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     drop = nn.Dropout(self.dropout, deterministic=deterministic)
-    h = drop(nn.gelu(_dense(self.hidden, ("embed", "mlp"), "fc1")(x), approximate=False))
+    h = drop(gelu_erf(_dense(self.hidden, ("embed", "mlp"), "fc1")(x)))
     return drop(_dense(x.shape[-1], ("mlp", "embed"), "fc2")(h))
 
 

@@ -47,6 +47,7 @@ from arvision import precision
 from arvision.diffusion.flow import FlowMatching
 from arvision.models.generator import Generator
 from arvision.models.heads import TimestepEmbedder
+from arvision.models.layers import gelu_erf
 from arvision.models.mar import disa_steps
 from arvision.models.raster import RMSNorm, apply_rope, rope_2d_table
 from arvision.ops import masks
@@ -132,7 +133,7 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     g = _dense(self.hidden, ("embed", "mlp"), "fc1_g")(x)
-    h = nn.gelu(g, approximate=False) * _dense(self.hidden, ("embed", "mlp"), "fc1_x")(x)
+    h = gelu_erf(g) * _dense(self.hidden, ("embed", "mlp"), "fc1_x")(x)
     return _dense(x.shape[-1], ("mlp", "embed"), "fc2")(constrain(h, ("batch", "seq", "mlp")))
 
 
