@@ -241,10 +241,9 @@ def _frozen_shardings(family, frozen, rules, mesh):
   return out
 
 
-def _check_batch_splits(config, mesh) -> None:
+def _check_batch_splits(config, mesh, accum: int) -> None:
   """The (micro-)batch must split evenly over the mesh's batch axes; say so before tracing."""
   shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
-  accum = precision.accum_steps(config)
   micro = int(config.data.batch_size) // accum
   if micro % shards:
     raise errors.UserError(
@@ -270,10 +269,10 @@ def build(config, family, frozen: dict, mesh=None, *, example=None) -> Setup:
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   rules = parallel.get_rules(config.sharding.strategy)
   example = data.input_spec(config.data) if example is None else example
-  _check_batch_splits(config, mesh)
   tx, lr_fn = optim.make(config.optim, config.total_steps, config.data.batch_size)
   use_ema = config.optim.ema_decay > 0
   accum = precision.accum_steps(config)
+  _check_batch_splits(config, mesh, accum)
   rep = parallel.replicated(mesh)
 
   def init_state(rng):

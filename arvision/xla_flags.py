@@ -13,8 +13,9 @@ over them, so two halves of the step run side by side. One XLA:CPU device keeps 
 cores busy on a small model's training step (many small fusions, each with a serial tail, run
 one after another); two devices fill each other's gaps (~1.9 of 2 busy), which made the
 `configs/var.py:fmnist` step faster (experiments/bench_train.py; the README's performance table).
-The numbers do not depend on it (up to float summation order): the batch split is the data-parallel mesh every strategy already
-supports, and random draws are partitionable (`jax_threefry_partitionable`). Two, not one per core:
+The numbers do not depend on it (up to float summation order): the batch split is the
+data-parallel mesh every strategy already supports, and random draws are partitionable
+(`jax_threefry_partitionable`). Two, not one per core:
 on a larger host the dots already use all cores; the second device is for the gaps.
 
 A flag the user already put in `XLA_FLAGS` is never overridden, and setting

@@ -120,7 +120,7 @@ def test_batch_that_does_not_split_over_the_devices_is_a_clear_error(toy_config)
   from arvision import errors  # noqa: PLC0415
 
   mesh = SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1})
-  train._check_batch_splits(toy_config(**{"data.batch_size": 6}), mesh)  # 6 over 2: fine
+  train._check_batch_splits(toy_config(**{"data.batch_size": 6}), mesh, 1)  # 6 over 2: fine
   micro3 = toy_config(**{"data.batch_size": 6, "optim.accum_steps": 2})  # 3 over 2 devices
   with pytest.raises(errors.UserError, match=r"batch_size=6 \(micro-batch 3.*2 devices"):
-    train._check_batch_splits(micro3, mesh)
+    train._check_batch_splits(micro3, mesh, 2)
