@@ -6,8 +6,17 @@ Raster (`--config configs/raster.py:...`): tokens/s and images/s of the static-K
   bound by reading the weights and the KV cache once per token).
 MAR (`--config configs/mar.py:...`): images/s against `--num_iter` and `--diffusion_steps`, with
   DiSA (diffusion-step annealing) off and on.
-FlexVAR (`--config configs/flexvar.py:...`): images/s and peak memory against VAR of the same size
-  and batch (`configs/var.py:<same variant>`), and with a shorter scale list, in one run.
+FlexVAR (`--config configs/flexvar.py:...`): images/s and XLA memory bytes against VAR of the same
+  size and batch (`configs/var.py:<same variant>`), and with a shorter scale list, in one run.
+M-VAR (`--config configs/mvar.py:...`): VAR's KV-cache sampler of the same size, M-VAR carrying
+  each block's Mamba2 state across scales (ours) and M-VAR re-running the whole prefix at every
+  scale (the official sampler's way; same tokens for the same rng), in one run.
+Infinity (`--config configs/infinity.py:...`): against VAR of the same depth, width, heads and
+  scale list (`configs/var.py:<same variant>`, overridden in code where the sizes differ; the
+  rows' `var_overrides` say which), each with its own config's top-k/top-p, in one run.
+Successor rows are timed interleaved (a warm-up call each, then rounds of one call each), with
+`speed_over_var` and `xla_bytes_over_var` (XLA's argument + output + temp bytes of the compiled
+sampler) against the VAR row of the same batch and cfg.
 
     python experiments/bench_sampling.py --config configs/var.py:fmnist --batch 1,8 --cfg 0,1.5 \
         --out experiments/results/bench_sampling_cpu.json
@@ -20,14 +29,18 @@ FlexVAR (`--config configs/flexvar.py:...`): images/s and peak memory against VA
         --num_iter 8,16 --diffusion_steps 25,50
     python experiments/bench_sampling.py --config configs/flexvar.py:fmnist --batch 64 --cfg 3.0
     python experiments/bench_sampling.py --config configs/hmar.py:fmnist   # HMAR vs VAR, same depth
+    python experiments/bench_sampling.py --config configs/mvar.py:fmnist --batch 1,8 --cfg 3.0 \
+        --out experiments/results/bench_sampling_cpu_mvar_fmnist.json
+    python experiments/bench_sampling.py --config configs/infinity.py:fmnist --batch 1,8 \
+        --cfg 3.0 --out experiments/results/bench_sampling_cpu_infinity_fmnist.json
 
 Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
 config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
 decode included):
 - `kv_cache`: `VARFamily.sample` -- one jitted function, a preallocated KV cache per layer.
 - `recompute`: no cache. At scale k the full transformer runs over every token of scales <= k
-  under the scale-causal mask (`masks.scale_causal(lengths[:k+1])`); the head runs on scale k
-  only. One jitted function, static shapes per scale. It draws its randomness exactly as the
+  under the model's training mask (VAR: `masks.scale_causal(lengths[:k+1])`); the head runs on
+  scale k only. One jitted function, static shapes per scale. It draws its randomness exactly as the
   cached sampler, so with the same rng both give the same tokens (tests check this).
 - `official`: with `--reference`, FoundationVision/VAR's `autoregressive_infer_cfg` with the same
   depth, width, heads, patch_nums, vocabulary, batch, cfg, top-k and top-p (torch; CUDA when
@@ -76,9 +89,9 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from arvision import config_util, families
+from arvision.models import next_scale
 from arvision.models.common import images_to_uint8, param_count
 from arvision.models.var import VAR
-from arvision.ops import masks
 from arvision.sampling import guidance
 from arvision.sampling.topk import filter_top_k_top_p
 
@@ -104,9 +117,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Model with random weights
 
 
-def build(spec: str, seed: int = 0):
-  """`(config, family, params)` for a VAR config spec, random weights (VAR and tokenizer)."""
-  config = config_util.load_config_file(spec)
+def build(spec, seed: int = 0):
+  """`(config, family, params)` for a VAR config spec (or a loaded VAR config), random weights
+  (VAR and tokenizer)."""
+  config = config_util.load_config_file(spec) if isinstance(spec, str) else spec
   if config.family != "var":
     raise ValueError(f"--config {spec!r} is a {config.family!r} config; this benchmark needs var")
   tok = families.build(config.tokenizer.config)
@@ -158,9 +172,11 @@ def compute_dtype(dtype, cls=VAR):
 
 
 def _prefix_logits(m: VAR, x_BxPxC, cond_BxD, num_scales: int):
-  """Full forward over the tokens of scales < num_scales; logits of the last of them."""
+  """Full forward over the tokens of scales < num_scales (the model's training mask: VAR's
+  scale-causal one; M-VAR's block-diagonal attention with Mamba2 from the zero state over the
+  whole prefix); logits of the last of them."""
   cond = m._block_cond(cond_BxD)
-  mask = masks.scale_causal(m.lengths[:num_scales])
+  mask = next_scale.train_mask(m.mask, m.lengths[:num_scales])
   for block in m.blocks:
     x_BxPxC, _ = block(x_BxPxC, cond, mask=mask, deterministic=True)
   begin = sum(m.lengths[: num_scales - 1])
@@ -170,7 +186,10 @@ def _prefix_logits(m: VAR, x_BxPxC, cond_BxD, num_scales: int):
 def recompute_sampler(fam):
   """A jitted `(params, labels, rng, cfg, top_k, top_p) -> (images uint8, idx list)` sampler that
   recomputes the whole prefix at every scale (no KV cache). Same CFG schedule, filtering and rng
-  use as `VARFamily.sample` (more_smooth off)."""
+  use as `VARFamily.sample` (more_smooth off). Also M-VAR's (`fam` an `MVARFamily`): re-running
+  the prefix through attention and Mamba2 at every scale is what the official M-VAR sampler does,
+  where `MVARFamily.sample` carries each block's Mamba2 state. `sample.jitted` is the jitted
+  `(params, labels, rng, cfg, top_k, top_p)` function (for XLA's memory analysis)."""
   mod, tok = fam.module, fam.tokenizer
 
   def run(params, labels, rng, cfg, top_k, top_p):
@@ -209,6 +228,7 @@ def recompute_sampler(fam):
       params, jnp.asarray(labels), rng, jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p)
     )
 
+  sample.jitted = jitted
   return sample
 
 
@@ -815,56 +835,187 @@ def bench_mar(args, config, fam, params) -> list[dict]:
   return rows
 
 
-def bench_flexvar(args, config, fam, params) -> list[dict]:
-  """FlexVAR vs VAR at the same depth, width, heads and batch (`configs/var.py:<same variant>`),
-  side by side: images/s, and peak memory (XLA's temp + argument + output bytes of the compiled
-  sampler; the device's peak bytes in use where it reports one) for FlexVAR's default list, a
-  shorter one and VAR's own schedule."""
-  var_config, var_fam, var_params = build(f"configs/var.py:{config.variant}", args.seed)
-  if (var_fam.module.depth, var_fam.module.width) != (fam.module.depth, fam.module.width):
-    raise SystemExit(f"configs/var.py:{config.variant} is not FlexVAR's size")
-  pns = fam.patch_nums
-  short = pns[:2] + pns[-2:] if len(pns) > 4 else pns
-  cases = [("var", var_fam, var_params, {}, var_fam.patch_nums)]
-  cases += [("flexvar", fam, params, {"patch_nums": p}, p) for p in dict.fromkeys((pns, short))]
+# ------------------------------------------------------------------------------------------------
+# Next-scale successors against VAR of the same size, side by side
+
+
+def same_size_var(variant: str, module, patch_nums, seed: int):
+  """VAR of a successor's size: `(spec, overrides, family, params)`, random weights.
+
+  `configs/var.py:<variant>` where it has the successor's depth, width, heads and scale list;
+  otherwise that config with those four overridden (`overrides` names them; the JSON records it).
+  """
+  spec = f"configs/var.py:{variant}"
+  config = mlc.ConfigDict(config_util.load_config_file(spec).to_dict())
+  want = dict(depth=module.depth, width=module.width, num_heads=module.num_heads)
+  overrides = {k: v for k, v in want.items() if config.model.get(k) != v}
+  config.model.update(overrides)
+  tok_model = config.tokenizer.config.model
+  if tuple(tok_model.patch_nums) != tuple(patch_nums):
+    tok_model.patch_nums = overrides["patch_nums"] = tuple(patch_nums)
+  _, fam, params = build(config, seed)
+  return spec, overrides, fam, params
+
+
+def time_interleaved(calls: dict, runs: int) -> dict:
+  """A warm-up call of each (trace + compile + one run), then `runs` rounds calling each once in
+  turn, so a load change on a shared host hits every impl alike. `{name: timing fields}`."""
+  first, times = {}, {name: [] for name in calls}
+  for name, call in calls.items():
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first[name] = time.perf_counter() - t0
+  for _ in range(runs):
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - t0)
+  out = {}
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    out[name] = dict(
+      median_s=med,
+      runs_s=[round(t, 4) for t in ts],
+      first_call_s=round(first[name], 3),
+      compile_s=round(first[name] - med, 3),
+    )
+  return out
+
+
+def xla_memory(jitted, *args) -> dict:
+  """XLA's memory analysis of the compiled call: argument + output + temp bytes, and temp alone
+  (any backend; None where the backend reports none)."""
+  mem = jitted.lower(*args).compile().memory_analysis()
+  if mem is None:
+    return dict(xla_bytes=None, xla_temp_bytes=None)
+  total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+  return dict(xla_bytes=int(total), xla_temp_bytes=int(mem.temp_size_in_bytes))
+
+
+def side_by_side(args, impls: dict, num_classes: int) -> list[dict]:
+  """Rows of `impls` (`{name: (make, params, row fields)}`, `make(cfg)` -> `(params, labels, rng)
+  -> images`; the first is VAR) per batch and cfg, timed interleaved. Each row: images/s, XLA
+  bytes, and `speed_over_var` / `xla_bytes_over_var` against the first row of its group."""
   rows = []
   for batch in args.batch:
-    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
+    labels = jnp.arange(batch, dtype=jnp.int32) % num_classes
+    key = jax.random.key(args.seed)
     for cfg in args.cfg:
-      for name, f, p, extra, steps in cases:
-        sk = config.get("sample", {})
-        top_k = args.top_k if args.top_k is not None else int(sk.get("top_k", 0))
-        top_p = args.top_p if args.top_p is not None else float(sk.get("top_p", 0.0))
-        kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, **extra)
-        fn = jax.jit(lambda p, lab, r, f=f, kw=kw: f.sample(p, lab, r, **kw))
-        mem = fn.lower(p, labels, jax.random.key(0)).compile().memory_analysis()
-        res = time_calls(
-          lambda fn=fn, p=p, lab=labels: fn(p, lab, jax.random.key(0)),
-          args.runs,
-          jax.block_until_ready,
-        )
-        stats = jax.devices()[0].memory_stats() or {}
-        row = dict(
-          impl=name,
-          batch=batch,
-          cfg=cfg,
-          patch_nums=list(steps),
-          **res,
-          images_per_s=batch / res["median_s"],
-          xla_bytes=int(
-            mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-          )
-          if mem
-          else None,
-          peak_bytes_in_use=stats.get("peak_bytes_in_use"),
-        )
-        rows.append(row)
-        print(
-          f"{name:>8} b={batch:<4} cfg={cfg:<4} steps={len(steps):<3} "
-          f"{row['images_per_s']:10.3f} img/s  xla bytes {row['xla_bytes']}",
-          flush=True,
-        )
+      fns = {name: jax.jit(make(cfg)) for name, (make, _, _) in impls.items()}
+      calls = {
+        name: (lambda fn=fn, p=impls[name][1], y=labels, k=key: fn(p, y, k))
+        for name, fn in fns.items()
+      }
+      res = time_interleaved(calls, args.runs)  # first: its warm-up call includes the compile
+      mem = {name: xla_memory(fn, impls[name][1], labels, key) for name, fn in fns.items()}
+      group = [
+        dict(impl=name, batch=batch, cfg=cfg, **impls[name][2], **res[name],
+             images_per_s=batch / res[name]["median_s"], **mem[name])
+        for name in fns
+      ]  # fmt: skip
+      base = group[0]
+      for r in group[1:]:
+        r["speed_over_var"] = r["images_per_s"] / base["images_per_s"]
+        if r["xla_bytes"] and base["xla_bytes"]:
+          r["xla_bytes_over_var"] = r["xla_bytes"] / base["xla_bytes"]
+      for r in group:
+        print(_fmt_family_row(r), flush=True)
+      rows.extend(group)
   return rows
+
+
+def _knob(args, config, name: str, cast, default=0):
+  """A sampling knob: the command line's, else the config's `sample.<name>`."""
+  value = getattr(args, name, None)
+  return cast(value if value is not None else config.get("sample", {}).get(name, default))
+
+
+def bench_flexvar(args, config, fam, params) -> list[dict]:
+  """FlexVAR vs VAR at the same depth, width, heads and batch (`configs/var.py:<same variant>`),
+  side by side (timed calls interleaved): images/s and XLA memory bytes for FlexVAR's default
+  scale list, a shorter one and VAR's own schedule."""
+  spec, overrides, var_fam, var_params = same_size_var(
+    config.variant, fam.module, fam.patch_nums, args.seed
+  )
+  if overrides:
+    raise SystemExit(f"{spec} is not FlexVAR's size ({overrides})")
+  pns = fam.patch_nums
+  short = pns[:2] + pns[-2:] if len(pns) > 4 else pns
+  kw = dict(top_k=_knob(args, config, "top_k", int), top_p=_knob(args, config, "top_p", float))
+
+  def make(f, **extra):
+    return lambda cfg: lambda p, lab, r: f.sample(p, lab, r, cfg=cfg, **kw, **extra)
+
+  impls = {"var": (make(var_fam), var_params, dict(patch_nums=list(var_fam.patch_nums)))}
+  for name, p in {"flexvar": pns, "flexvar_short": short}.items():
+    if name == "flexvar" or p != pns:
+      impls[name] = (make(fam, patch_nums=p), params, dict(patch_nums=list(p)))
+  return side_by_side(args, impls, fam.num_classes)
+
+
+def bench_mvar(args, config, fam, params) -> list[dict]:
+  """M-VAR vs VAR at the same depth, width, heads and batch (`configs/var.py:<same variant>`),
+  side by side (timed calls interleaved): VAR's KV-cache sampler, M-VAR as arvision samples it
+  (attention inside the scale, each block's Mamba2 state carried across scales) and M-VAR
+  re-running the whole prefix at every scale (`recompute_sampler`: what the official sampler does;
+  same tokens for the same rng). The carried row's `speed_over_recompute` is the state's gain."""
+  spec, overrides, var_fam, var_params = same_size_var(
+    config.variant, fam.module, fam.patch_nums, args.seed
+  )
+  if overrides:
+    raise SystemExit(f"{spec} is not M-VAR's size ({overrides})")
+  top_k, top_p = _knob(args, config, "top_k", int), _knob(args, config, "top_p", float)
+  kw = dict(top_k=top_k, top_p=top_p)
+  recompute = recompute_sampler(fam)
+
+  def make_sample(f):
+    return lambda cfg: lambda p, lab, r: f.sample(p, lab, r, cfg=cfg, **kw)
+
+  def make_recompute(cfg):
+    return lambda p, lab, r: recompute.jitted(
+      p, lab, r, jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p)
+    )[0]
+
+  impls = {
+    "var_kv_cache": (make_sample(var_fam), var_params, {}),
+    "mvar_carried": (make_sample(fam), params, {}),
+    "mvar_recompute": (make_recompute, params, {}),
+  }
+  rows = side_by_side(args, impls, fam.num_classes)
+  for i in range(0, len(rows), len(impls)):
+    _, carried, rec = rows[i : i + len(impls)]
+    carried["speed_over_recompute"] = carried["images_per_s"] / rec["images_per_s"]
+    if carried["xla_bytes"] and rec["xla_bytes"]:
+      carried["xla_bytes_over_recompute"] = carried["xla_bytes"] / rec["xla_bytes"]
+    print(f"  b={carried['batch']} cfg={carried['cfg']}: carried Mamba2 state "
+          f"{carried['speed_over_recompute']:.2f}x the recompute sampler's images/s")  # fmt: skip
+  return rows
+
+
+def bench_infinity(args, config, fam, params) -> list[dict]:
+  """Infinity vs VAR of the same depth, width, heads, scale list and batch, side by side (timed
+  calls interleaved): images/s and XLA memory bytes, each with its own config's sampling knobs
+  (cfg from `--cfg`). The VAR is `configs/var.py:<same variant>`, with depth/width/heads/scales
+  overridden in code where they differ (the rows' `var_overrides`; none for `fmnist`). Infinity's
+  tokens are d bits (a 2-way softmax per bit) on its BSQ tokenizer; VAR's a V-way softmax."""
+  spec, overrides, var_fam, var_params = same_size_var(
+    config.variant, fam.module, fam.patch_nums, args.seed
+  )
+  var_config = config_util.load_config_file(spec)
+  var_kw = dict(top_k=_knob(args, var_config, "top_k", int),
+                top_p=_knob(args, var_config, "top_p", float))  # fmt: skip
+  inf_kw = dict(top_k=_knob(args, config, "top_k", int), top_p=_knob(args, config, "top_p", float),
+                tau=float(config.sample.get("tau", 1.0)))  # fmt: skip
+
+  def make(f, kw):
+    return lambda cfg: lambda p, lab, r: f.sample(p, lab, r, cfg=cfg, **kw)
+
+  impls = {
+    "var_kv_cache": (make(var_fam, var_kw), var_params,
+                     dict(var_spec=spec, var_overrides=overrides, **var_kw)),
+    "infinity": (make(fam, inf_kw), params, dict(inf_kw)),
+  }  # fmt: skip
+  return side_by_side(args, impls, fam.num_classes)
 
 
 def bench_hmar(args, config, fam, params) -> list[dict]:
@@ -949,6 +1100,8 @@ def run_family(args) -> dict:
     "mar": bench_mar,
     "flexvar": bench_flexvar,
     "hmar": bench_hmar,
+    "mvar": bench_mvar,
+    "infinity": bench_infinity,
   }.get(config.family)
   if bench is None:
     raise SystemExit(f"--config {args.config}: no benchmark for family {config.family!r}")
@@ -979,10 +1132,12 @@ def _fmt_family_row(r) -> str:
       f"{r['impl']:>8} b={r['batch']:<4} cfg={r['cfg']:<4} {r['calls_per_image']:7.1f} calls/img "
       f"{r['tokens_per_call']:5.2f} tok/call {r['images_per_s']:8.3f} img/s{sp}"
     )
-  if "xla_bytes" in r:  # hmar vs var
+  if "xla_bytes" in r:  # a successor vs VAR
+    steps = f" steps={len(r['patch_nums'])}" if "patch_nums" in r else ""
+    mib = f"{r['xla_bytes'] / 2**20:8.1f} MiB" if r["xla_bytes"] else "     n/a MiB"
     return (
-      f"{r['impl']:>15} b={r['batch']:<4} cfg={r['cfg']:<4} {r['images_per_s']:9.3f} img/s "
-      f"{r['xla_bytes'] / 2**20:8.1f} MiB  x{r.get('speed_over_var', 1.0):.2f} vs VAR"
+      f"{r['impl']:>15} b={r['batch']:<4} cfg={r['cfg']:<4}{steps} {r['images_per_s']:9.3f} img/s "
+      f"{mib}  x{r.get('speed_over_var', 1.0):.2f} vs VAR"
     )
   if r["impl"] == "official":
     return f"{'official':>9} b={r['batch']:<4} cfg={r['cfg']:<4} median {r['median_s']:.4f}s"
@@ -1073,7 +1228,10 @@ def main(argv=None):
         f"--append: {out} is for {doc.get('device')!r}, this run is on {result['device']!r}"
       )
     doc["versions"].update(result["versions"])
-  doc["results"].append({k: v for k, v in result.items() if k not in ("device", "versions")})
+  entry = {k: v for k, v in result.items() if k not in ("device", "versions")}
+  argv = sys.argv[1:] if argv is None else list(argv)
+  entry["command"] = " ".join(["python experiments/bench_sampling.py", *argv])
+  doc["results"].append(entry)
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
     json.dump(doc, f, indent=2)

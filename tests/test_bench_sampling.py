@@ -139,3 +139,26 @@ def test_peak_bandwidth_table(bench):
   assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
   assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
   assert bench.peak_bandwidth("cpu") is None
+
+
+def test_side_by_side_rows_carry_ratios_against_var(bench):
+  """Every successor row (FlexVAR, M-VAR, Infinity) gets its speed and XLA bytes over the VAR row
+  of its own batch and cfg (a FlexVAR row once printed "x1.00 vs VAR" for want of them)."""
+  import argparse
+
+  def make(width):  # a stand-in sampler: more work and bigger buffers for a larger width
+    return lambda cfg: lambda p, lab, r: jnp.tanh(p * cfg + lab[:, None, None]) @ p
+
+  impls = {"var": (make(8), jnp.ones((8, 8)), {}), "other": (make(64), jnp.ones((64, 64)), {})}
+  args = argparse.Namespace(batch=[1, 2], cfg=[0.0, 1.5], seed=0, runs=1)
+  rows = bench.side_by_side(args, impls, num_classes=10)
+  assert [(r["impl"], r["batch"], r["cfg"]) for r in rows[:4]] == [
+    ("var", 1, 0.0), ("other", 1, 0.0), ("var", 1, 1.5), ("other", 1, 1.5)
+  ]  # fmt: skip
+  assert len(rows) == 8
+  for var, other in zip(rows[::2], rows[1::2], strict=True):
+    assert "speed_over_var" not in var
+    assert other["speed_over_var"] == pytest.approx(other["images_per_s"] / var["images_per_s"])
+    assert other["xla_bytes_over_var"] == pytest.approx(other["xla_bytes"] / var["xla_bytes"])
+    assert other["xla_bytes"] > var["xla_bytes"] > 0
+    assert f"x{other['speed_over_var']:.2f} vs VAR" in bench._fmt_family_row(other)
