@@ -995,9 +995,11 @@ def bench_mvar(args, config, fam, params) -> list[dict]:
 def bench_infinity(args, config, fam, params) -> list[dict]:
   """Infinity vs VAR of the same depth, width, heads, scale list and batch, side by side (timed
   calls interleaved): images/s and XLA memory bytes, each with its own config's sampling knobs
-  (cfg from `--cfg`). The VAR is `configs/var.py:<same variant>`, with depth/width/heads/scales
-  overridden in code where they differ (the rows' `var_overrides`; none for `fmnist`). Infinity's
-  tokens are d bits (a 2-way softmax per bit) on its BSQ tokenizer; VAR's a V-way softmax."""
+  (cfg from `--cfg`), and VAR again with Infinity's top-k/top-p where they differ (VAR's top-p
+  sorts V logits per token; Infinity's filter acts on 2 logits per bit). The VAR is
+  `configs/var.py:<same variant>`, with depth/width/heads/scales overridden in code where they
+  differ (the rows' `var_overrides`; none for `fmnist`). Infinity's tokens are d bits (a 2-way
+  softmax per bit) on its BSQ tokenizer; VAR's a V-way softmax."""
   spec, overrides, var_fam, var_params = same_size_var(
     config.variant, fam.module, fam.patch_nums, args.seed
   )
@@ -1010,11 +1012,14 @@ def bench_infinity(args, config, fam, params) -> list[dict]:
   def make(f, kw):
     return lambda cfg: lambda p, lab, r: f.sample(p, lab, r, cfg=cfg, **kw)
 
+  same = dict(top_k=inf_kw["top_k"], top_p=inf_kw["top_p"])
   impls = {
     "var_kv_cache": (make(var_fam, var_kw), var_params,
                      dict(var_spec=spec, var_overrides=overrides, **var_kw)),
     "infinity": (make(fam, inf_kw), params, dict(inf_kw)),
   }  # fmt: skip
+  if same != var_kw:  # VAR with Infinity's filter too: the model apart from the top-k/top-p cost
+    impls["var_kv_cache_infinity_knobs"] = (make(var_fam, same), var_params, dict(same))
   return side_by_side(args, impls, fam.num_classes)
 
 
