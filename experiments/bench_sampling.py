@@ -27,12 +27,13 @@ sampler) against the VAR row of the same batch and cfg.
     python experiments/bench_sampling.py --preset gpu_raster    # LlamaGen-L, 256px, bf16, batch 1/64
     python experiments/bench_sampling.py --config configs/mar.py:fmnist --batch 64 \
         --num_iter 8,16 --diffusion_steps 25,50
-    python experiments/bench_sampling.py --config configs/flexvar.py:fmnist --batch 64 --cfg 3.0
+    python experiments/bench_sampling.py --config configs/flexvar.py:fmnist --batch 64 --cfg 3.0 \
+        --runs 5 --out experiments/results/bench_sampling_cpu_flexvar_fmnist.json
     python experiments/bench_sampling.py --config configs/hmar.py:fmnist   # HMAR vs VAR, same depth
     python experiments/bench_sampling.py --config configs/mvar.py:fmnist --batch 1,8 --cfg 3.0 \
-        --out experiments/results/bench_sampling_cpu_mvar_fmnist.json
+        --runs 9 --out experiments/results/bench_sampling_cpu_mvar_fmnist.json
     python experiments/bench_sampling.py --config configs/infinity.py:fmnist --batch 1,8 \
-        --cfg 3.0 --out experiments/results/bench_sampling_cpu_infinity_fmnist.json
+        --cfg 3.0 --runs 9 --out experiments/results/bench_sampling_cpu_infinity_fmnist.json
 
 Random weights of the chosen config (the family's init, the tokenizer config inside the VAR
 config; no checkpoint). Implementations, all end to end (class labels -> uint8 images, tokenizer
