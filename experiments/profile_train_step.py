@@ -13,6 +13,10 @@ runs a warm-up step, then `--steps` profiled steps:
 - official: `torch.profiler` (CPU), self time per aten op, grouped the same way (`dot`: mm, bmm,
   addmm, the SDPA kernels; `optimizer`: the AdamW kernels; ...).
 
+With several XLA:CPU devices (two by default on a 2-core host), `collective` is the gradients'
+all-reduce (the op's time includes each device waiting for the other), `collective_buffers` how
+many buffers it moves and `rendezvous_per_step` how many cross-device waits the trace shows.
+
 Times are per step (ms). They are wall time inside each op on the thread that ran it; XLA may run
 independent thunks concurrently, so its op times can sum to more than the step. The JSON holds the
 top ops of each side and the per-kind totals; `--label` names a run (e.g. before / after a change)
@@ -36,6 +40,21 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402
+
+# Cross-device ops: with several XLA:CPU devices (`arvision/xla_flags.py`), the gradients'
+# all-reduce of the data-parallel split.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def collective_buffers(hlo_text: str) -> int:
+  """How many buffers the entry's collectives move (a tuple all-reduce counts each operand)."""
+  n = 0
+  for line in hlo_text.splitlines():
+    m = re.match(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\(", line)
+    if m and m.group(2).removesuffix("-start") in COLLECTIVES:
+      shape = m.group(1)
+      n += shape.count("[") if shape.startswith("(") else 1
+  return n
 
 
 def hlo_kinds(hlo_text: str) -> dict:
@@ -75,6 +94,8 @@ def hlo_kinds(hlo_text: str) -> dict:
           kinds[name] = "loop"
       elif op in ("dot", "convolution"):
         kinds[name] = "dot"
+      elif op.removesuffix("-start") in COLLECTIVES:
+        kinds[name] = "collective"
       elif op in ("copy", "transpose", "copy-start", "copy-done"):
         kinds[name] = "copy/transpose"
       elif op in ("reduce", "reduce-window"):
@@ -113,6 +134,7 @@ def profile_ours(config, fam, frozen, batch, steps: int) -> dict:
     (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
   per_op = collections.Counter()
+  rendezvous = 0  # XLA:CPU's cross-device waits (one per collective buffer and device)
   for plane in data.planes:
     if not plane.name.startswith("/host:CPU"):
       continue
@@ -121,8 +143,14 @@ def profile_ours(config, fam, frozen, batch, steps: int) -> dict:
         name = ev.name
         if name in kinds:
           per_op[name] += ev.duration_ns
+        elif name == "Rendezvous":
+          rendezvous += 1
   ops_ms = {k: v / 1e6 / steps for k, v in per_op.items()}
-  return _summary(ops_ms, lambda n: kinds.get(n, "other"), wall, hlo_sources(hlo))
+  out = _summary(ops_ms, lambda n: kinds.get(n, "other"), wall, hlo_sources(hlo))
+  out["devices"] = jax.device_count()
+  out["collective_buffers"] = collective_buffers(hlo)
+  out["rendezvous_per_step"] = rendezvous / steps
+  return out
 
 
 TORCH_KINDS = (
