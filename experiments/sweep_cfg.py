@@ -60,8 +60,14 @@ def main():
       f"recall {m['recall_fmnist']:.3f}",
       flush=True,
     )
+  workdir = os.path.basename(os.path.normpath(args.workdir))
+  grids = " ".join(f"--grid {g}" for g in args.grid or [])
   result = dict(
-    workdir=os.path.basename(os.path.normpath(args.workdir)),
+    command=(  # the workdir by its name only (no machine path in a committed JSON)
+      f"python experiments/sweep_cfg.py --workdir runs/{workdir} {grids} "
+      f"--num_samples {args.num_samples} --out {args.out}"
+    ),
+    workdir=workdir,
     step=model.step,
     num_samples=args.num_samples,
     rows=rows,
