@@ -13,7 +13,7 @@ import math
 
 import ml_collections as mlc
 
-from arvision.config_util import load_config_file
+from arvision.config_util import load_config_file, set_run_length
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 
@@ -78,7 +78,7 @@ def small_recipe(c: mlc.ConfigDict, v: dict, *, clip_norm: float, smoke: bool) -
   c.data.channels = tok_data.channels
   c.data.num_classes = tok_data.num_classes
   c.data.batch_size = v["batch_size"]
-  c.total_steps = v["total_steps"]
+  set_run_length(c, v["total_steps"])
   c.optim.lr = v["lr"]
   c.optim.lr_scaling = "none"
   c.optim.schedule = "cosine"
@@ -86,8 +86,6 @@ def small_recipe(c: mlc.ConfigDict, v: dict, *, clip_norm: float, smoke: bool) -
   c.optim.warmup_steps = v["warmup_steps"]
   c.optim.clip_norm = clip_norm
   c.optim.ema_decay = v["ema_decay"]
-  c.log_every = max(c.total_steps // 20, 1)
-  c.checkpoint_every = c.total_steps
   if smoke:
     c.eval.num_batches = 1
     c.eval.num_samples = 16

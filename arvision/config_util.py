@@ -50,6 +50,14 @@ def pick_variant(table: dict[str, Any], variant: str, what: str) -> Any:
   return table[variant]
 
 
+def set_run_length(c: mlc.ConfigDict, total_steps: int, logs: int = 20) -> None:
+  """A short (CPU-sized) recipe's schedule: `total_steps`, `logs` log lines over the run and one
+  checkpoint, at the end."""
+  c.total_steps = int(total_steps)
+  c.log_every = max(c.total_steps // logs, 1)
+  c.checkpoint_every = c.total_steps
+
+
 def base_config(family: str) -> mlc.ConfigDict:
   """The fields every config has. Family configs fill `model`, `data`, `optim`, `sample`."""
   c = mlc.ConfigDict()

@@ -9,7 +9,7 @@ Variants: `fmnist` (>= 90% Fashion-MNIST test accuracy in about 3 minutes on a 2
 
 import ml_collections as mlc
 
-from arvision.config_util import base_config, parse_arg, pick_variant
+from arvision.config_util import base_config, parse_arg, pick_variant, set_run_length
 
 VARIANTS = {
   "fmnist": dict(
@@ -55,9 +55,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
   c.data.source = v["source"]
   c.data.batch_size = v["batch_size"]
   c.data.random_crop = True  # same augmentation as the generators' train pipeline
-  c.total_steps = v["total_steps"]
-  c.checkpoint_every = c.total_steps
-  c.log_every = max(c.total_steps // 10, 1)
+  set_run_length(c, v["total_steps"], logs=10)
 
   c.optim.lr = v["lr"]
   c.optim.b2 = 0.999

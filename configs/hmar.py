@@ -26,7 +26,7 @@ import math
 
 import ml_collections as mlc
 
-from arvision.config_util import load_config_file, parse_arg
+from arvision.config_util import load_config_file, parse_arg, set_run_length
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 # Official sampling settings per depth (config/sample/hmar-d*.yaml).
@@ -65,9 +65,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
     m.mask_depth = v["mask_depth"]
     m.stage1_steps = c.total_steps if stage == 1 else v["stage1_steps"]
     if stage == 2:
-      c.total_steps = v["total_steps"]
-      c.checkpoint_every = c.total_steps
-      c.log_every = max(c.total_steps // 20, 1)
+      set_run_length(c, v["total_steps"])
     c.eval_every = v.get("eval_every", c.eval_every)
   else:
     depth = int(m.depth)

@@ -28,7 +28,13 @@ reference grid; 0 = the last scale; the 2B model: 64), `noise_layers` / `noise_s
 
 import ml_collections as mlc
 
-from arvision.config_util import base_config, load_config_file, parse_arg, pick_variant
+from arvision.config_util import (
+  base_config,
+  load_config_file,
+  parse_arg,
+  pick_variant,
+  set_run_length,
+)
 
 MODELS = {
   "2b": dict(
@@ -140,9 +146,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
   c.data.channels = tok_data.channels
   c.data.num_classes = tok_data.num_classes
   c.data.batch_size = v["batch_size"]
-  c.total_steps = v["total_steps"]
-  c.log_every = max(c.total_steps // 20, 1)
-  c.checkpoint_every = c.total_steps
+  set_run_length(c, v["total_steps"])
   c.sample = mlc.ConfigDict(v["sample"])
   if args.variant == "smoke":
     c.eval.num_batches = 1

@@ -24,7 +24,7 @@ import math
 
 import ml_collections as mlc
 
-from arvision.config_util import load_config_file, parse_arg
+from arvision.config_util import load_config_file, parse_arg, set_run_length
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 # README training commands: depth, global batch, epochs, tblr (default 1e-4), alng, wpe.
@@ -52,9 +52,9 @@ def get_config(arg=None) -> mlc.ConfigDict:
   if variant in SMALL:
     c = mlc.ConfigDict(load_config_file(f"var.py:{variant}").to_dict())  # unlocked copy
     mamba = SMALL[variant]
-    if "total_steps" in mamba:  # and the schedule var.py derives from it
-      c.total_steps = ts = mamba["total_steps"]
-      c.log_every, c.checkpoint_every, c.eval_every = max(ts // 20, 1), ts, ts // 2
+    if "total_steps" in mamba:  # and the schedule var.py derives from it (a midway eval)
+      set_run_length(c, mamba["total_steps"])
+      c.eval_every = c.total_steps // 2
   elif variant in MVAR_MODELS:
     v = MVAR_MODELS[variant]
     c = mlc.ConfigDict(load_config_file("var.py:d16").to_dict())

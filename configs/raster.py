@@ -38,7 +38,13 @@ import math
 
 import ml_collections as mlc
 
-from arvision.config_util import base_config, load_config_file, parse_arg, pick_variant
+from arvision.config_util import (
+  base_config,
+  load_config_file,
+  parse_arg,
+  pick_variant,
+  set_run_length,
+)
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 
@@ -171,13 +177,11 @@ def get_config(arg=None) -> mlc.ConfigDict:
     c.data.channels = tok_data.channels
     c.data.num_classes = tok_data.num_classes
     c.data.batch_size = v["batch_size"]
-    c.total_steps = v["total_steps"]
+    set_run_length(c, v["total_steps"])
     c.optim.lr = v["lr"]
     c.optim.warmup_steps = v["warmup_steps"]
     c.optim.schedule = "cosine"
     c.optim.end_lr_factor = 0.1
-    c.log_every = max(c.total_steps // 20, 1)
-    c.checkpoint_every = c.total_steps
     c.sample = mlc.ConfigDict(v["sample"])
     if args.variant == "smoke":
       c.eval.num_batches = 1

@@ -21,7 +21,7 @@ Variants (`configs/tokenizer.py:<variant>`):
 
 import ml_collections as mlc
 
-from arvision.config_util import base_config, parse_arg, pick_variant
+from arvision.config_util import base_config, parse_arg, pick_variant, set_run_length
 
 # Shared fields; each variant overrides what differs.
 _ARCH = dict(
@@ -221,9 +221,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
   c.data.channels = train["channels"]
   c.data.batch_size = train["batch_size"]
   c.data.random_crop = True  # eval center-crops
-  c.total_steps = train["total_steps"]
-  c.checkpoint_every = c.total_steps
-  c.log_every = max(c.total_steps // 20, 1)
+  set_run_length(c, train["total_steps"])
 
   c.optim.lr = train["lr"]
   c.optim.b1 = 0.9
