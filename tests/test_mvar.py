@@ -88,17 +88,19 @@ def test_recompute_sampler_draws_the_carried_state_samplers_tokens(smoke, experi
   fam, params = s.family, s.params
   recompute = experiment("bench_sampling").recompute_sampler(fam)
   labels = jnp.arange(3, dtype=jnp.int32)  # the contract test's batch: its compiled sampler
+  guided = dict(cfg=1.5, top_k=0, top_p=0.0)
   for rng, kw in [
-    (jax.random.key(3), dict(cfg=1.5, top_k=0, top_p=0.0)),  # random draws, guided
+    (jax.random.key(3), guided),  # random draws, guided
     (jax.random.key(4), dict(cfg=0.0, top_k=1, top_p=0.0)),  # greedy
   ]:
     img_c, idx_c, _ = fam.sample_tokens(params, labels, rng, **kw)
+    if kw is guided:
+      guided_idx = idx_c
     img_r, idx_r = recompute(params, labels, rng, **kw)
     assert len(idx_c) == len(idx_r) == len(fam.patch_nums)
     for si, (a, b) in enumerate(zip(idx_c, idx_r, strict=True)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{kw} scale {si}")
     np.testing.assert_array_equal(np.asarray(img_c), np.asarray(img_r))
   # Another rng draws other tokens: the equality above is not vacuous.
-  _, idx_o = recompute(params, labels, jax.random.key(5), cfg=1.5, top_k=0, top_p=0.0)
-  _, idx_c, _ = fam.sample_tokens(params, labels, jax.random.key(3), cfg=1.5, top_k=0, top_p=0.0)
-  assert not np.array_equal(np.asarray(idx_o[-1]), np.asarray(idx_c[-1]))
+  _, idx_o = recompute(params, labels, jax.random.key(5), **guided)
+  assert not np.array_equal(np.asarray(idx_o[-1]), np.asarray(guided_idx[-1]))
