@@ -1025,75 +1025,27 @@ def bench_infinity(args, config, fam, params) -> list[dict]:
 
 
 def bench_hmar(args, config, fam, params) -> list[dict]:
-  """HMAR against VAR at the same depth and batch, side by side (timed calls interleaved):
-  VAR's KV-cache sampler (`var.py:<variant>`, HMAR's stage-1 weights), HMAR next-scale only
-  (block-diagonal, no cache) and HMAR with its masked steps (stage 2). `xla_bytes`: the
-  compiled sampler's argument + output + temp bytes (XLA memory analysis, any backend)."""
+  """HMAR against VAR at the same depth and batch, side by side (`side_by_side`: timed calls
+  interleaved, XLA bytes): VAR's KV-cache sampler (`var.py:<variant>`, HMAR's stage-1 weights),
+  HMAR next-scale only (block-diagonal, no cache) and HMAR with its masked steps (stage 2)."""
   base = str(config.variant).removesuffix("_stage1")
   var_config = config_util.load_config_file(f"var.py:{base}")
   var_fam = families.build(var_config, tokenizer=fam.tokenizer)
   one = mlc.ConfigDict(config.to_dict())
   one.model.mask_schedule = tuple((n,) for n in fam.lengths)
+  kw = dict(top_k=_knob(args, config, "top_k", int), top_p=_knob(args, config, "top_p", float))
+
+  def make(f):
+    return lambda cfg: lambda p, lab, r: f.sample(p, lab, r, cfg=cfg, **kw)
+
+  var_params = {k: v for k, v in params.items() if not k.startswith("mask_")}
   impls = {
-    "var_kv_cache": (var_fam, {k: v for k, v in params.items() if not k.startswith("mask_")}),
-    "hmar_nextscale": (families.build(one, tokenizer=fam.tokenizer), params),
+    "var_kv_cache": (make(var_fam), var_params, {}),
+    "hmar_nextscale": (make(families.build(one, tokenizer=fam.tokenizer)), params, {}),
   }
   if fam.stage == 2:
-    impls["hmar_masked"] = (fam, params)
-  top_k = args.top_k if args.top_k is not None else int(config.sample.get("top_k", 0))
-  top_p = args.top_p if args.top_p is not None else float(config.sample.get("top_p", 0.0))
-  rows = []
-  for batch in args.batch:
-    labels = jnp.arange(batch, dtype=jnp.int32) % fam.num_classes
-    for cfg in args.cfg:
-      kw = dict(cfg=cfg, top_k=top_k, top_p=top_p)
-      calls = {
-        name: (lambda f=f, p=p, y=labels, kw=kw: f.sample_tokens(p, y, jax.random.key(0), **kw)[0])
-        for name, (f, p) in impls.items()
-      }
-      first, times = {}, {name: [] for name in calls}
-      for name, call in calls.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        first[name] = time.perf_counter() - t0
-      for _ in range(args.runs):  # interleaved: a load change hits every impl alike
-        for name, call in calls.items():
-          t0 = time.perf_counter()
-          jax.block_until_ready(call())
-          times[name].append(time.perf_counter() - t0)
-      group = []
-      for name, (f, p) in impls.items():
-        knobs = (jnp.float32(cfg), jnp.int32(top_k), jnp.float32(top_p))
-        mem = (
-          f._sample_jit.lower(
-            p, labels, jax.random.key(0), knobs, None, more_smooth=False, return_logits=False,
-            cfg_schedule="linear",
-          ).compile().memory_analysis()
-        )  # fmt: skip
-        med = statistics.median(times[name])
-        group.append(
-          dict(
-            impl=name,
-            batch=batch,
-            cfg=cfg,
-            median_s=med,
-            runs_s=[round(t, 4) for t in times[name]],
-            first_call_s=round(first[name], 3),
-            images_per_s=batch / med,
-            xla_bytes=int(
-              mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            ),
-            xla_temp_bytes=int(mem.temp_size_in_bytes),
-          )  # fmt: skip
-        )
-      var_row = group[0]
-      for r in group[1:]:
-        r["speed_over_var"] = r["images_per_s"] / var_row["images_per_s"]
-        r["xla_bytes_over_var"] = r["xla_bytes"] / var_row["xla_bytes"]
-      for r in group:
-        print(_fmt_family_row(r), flush=True)
-      rows.extend(group)
-  return rows
+    impls["hmar_masked"] = (make(fam), params, {})
+  return side_by_side(args, impls, fam.num_classes)
 
 
 def run_family(args) -> dict:
