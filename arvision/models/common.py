@@ -60,16 +60,17 @@ def _add_bias_2d_bwd(_, g_MxN):
 
 _add_bias_2d.defvjp(_add_bias_2d_fwd, _add_bias_2d_bwd)
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_2d(x_MxK: jax.Array, w_KxN: jax.Array, precision) -> jax.Array:
   """`x @ w` whose kernel gradient is computed as `(g^T x)^T` when K > N.
 
   Why: XLA:CPU runs the kernel gradient `x^T g` (a product over the long M = B * L axis) on its
   own dot path, not YNNPACK's, and there its speed depends on the operand order: with the wider
-  operand first (an FFN's fc2, `[M, 4C]^T [M, C]`) it ran ~2x slower than the same product with
-  the narrower one first (~12 vs ~23 ms at M=8320, C=128 on one core). `g^T x` puts the narrow
-  operand first; the barrier keeps XLA from folding the small `[N, K]` transpose back into the
-  product (which would restore the slow order).
+  operand first (an FFN's fc2, `[M, 4C]^T [M, C]`) it is much slower than the same product with
+  the narrower one first (experiments/bench_kernel_grad.py: 1.46x at VAR `fmnist`'s fc2 on 2
+  cores). `g^T x` puts the narrow operand first; the barrier keeps XLA from folding the small
+  `[N, K]` transpose back into the product (which would restore the slow order).
   """
   return jax.lax.dot_general(x_MxK, w_KxN, (((1,), (0,)), ((), ())), precision=precision)
 
