@@ -12,8 +12,9 @@ runs, timed, in a fresh workdir (refused if it holds a run):
 then writes `experiments/results/<family>_fmnist_cpu.json`: the commands (relative paths), wall
 time per stage (the tokenizer's and HMAR stage 1's share of `train` from their metrics files'
 modification times), the generator's and tokenizer's measured steps/s, the tokenizer's metrics,
-the generator's metrics at N with the sampling knobs, the real-data floor at the same N
-(experiments/results/domain_classifier.json) and fd/floor, the device, CPU count and versions.
+the generator's metrics at N with the sampling knobs (and those of its in-training evals), the
+real-data floor at the same N (experiments/results/domain_classifier.json) and fd/floor, the
+device, CPU count and versions.
 The JSON fields are those of experiments/quickstart_report.py (whose readers it reuses).
 """
 
@@ -58,6 +59,17 @@ def _mean_steps_per_s(path: str):
   rows = [r for r in read_jsonl(path) if "train/steps_per_s" in r]
   rows = rows[1:] or rows  # the first window holds compilation
   return sum(r["train/steps_per_s"] for r in rows) / len(rows) if rows else None
+
+
+def in_training_evals(workdir: str) -> list:
+  """The generator's evals during training (`eval_every`): step, sample count and the domain
+  metrics, from its metrics.jsonl; the learning rate has not decayed yet at the midway ones."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = [r for r in read_jsonl(path) if "eval/fd_fmnist" in r] if os.path.exists(path) else []
+  keys = ("num_samples", "heldout_loss", *GEN_KEYS)
+  return [
+    dict(step=r["step"], **{k: r[f"eval/{k}"] for k in keys if f"eval/{k}" in r}) for r in rows
+  ]
 
 
 def substages(workdir: str, train_start: float, train_wall_s: float) -> dict:
@@ -123,6 +135,7 @@ def collect(workdir: str, cmds: dict, stages: dict, num_samples: int) -> dict:
     ),
     tokenizer=tokenizer,
     **{family: gen},
+    in_training_evals=in_training_evals(workdir),
     floor_same_n=floor,
     fd_over_floor=m["fd_fmnist"] / floor["fd_fmnist"] if floor else None,
     machine=qr.machine(calibration=False),

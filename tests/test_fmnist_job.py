@@ -38,3 +38,20 @@ def test_substages_split_train_time_at_nested_runs_last_writes(job, tmp_path):
   )
   # the first logged window holds compilation: left out of the mean
   assert job._mean_steps_per_s(os.path.join(wd, "stage1", "metrics.jsonl")) == 4.0
+
+
+def test_in_training_evals_keep_only_eval_rows_and_their_domain_metrics(job, tmp_path):
+  wd = str(tmp_path)
+  rows = [
+    {"step": 50, "train/loss": 4.0},
+    {"step": 100, "eval/fd_fmnist": 30.0, "eval/recall_fmnist": 0.2, "eval/num_samples": 1000.0,
+     "eval/heldout_acc_s0": 0.4},
+    {"step": 200, "eval/fd_fmnist": 20.0, "eval/class_accuracy": 0.9},
+  ]  # fmt: skip
+  with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  assert job.in_training_evals(wd) == [
+    dict(step=100, num_samples=1000.0, fd_fmnist=30.0, recall_fmnist=0.2),
+    dict(step=200, class_accuracy=0.9, fd_fmnist=20.0),
+  ]
+  assert job.in_training_evals(str(tmp_path / "missing")) == []
