@@ -41,7 +41,8 @@ SMALL = {
   # fmnist: stage 1 950 steps (VAR's earlier quickstart recipe), stage 2 a third of it (official
   # 100 of 200-350 epochs); the last 2 of 4 blocks get a masked copy (official 8 of 16-30). Its
   # eval cadence is pinned to what experiments/results/hmar_fmnist_cpu.json ran with.
-  "fmnist": dict(mask_depth=2, stage1_steps=950, total_steps=320, eval_every=150),
+  # Batch 64 pinned: what that run used, whatever VAR's quickstart recipe trains.
+  "fmnist": dict(mask_depth=2, stage1_steps=950, total_steps=320, eval_every=150, batch_size=64),
   "smoke": dict(mask_depth=1, stage1_steps=4, total_steps=4),
 }
 
@@ -63,6 +64,9 @@ def get_config(arg=None) -> mlc.ConfigDict:
   if base in SMALL:
     v = SMALL[base]
     m.mask_depth = v["mask_depth"]
+    c.data.batch_size = v.get("batch_size", c.data.batch_size)
+    if stage == 1:  # `<variant>_stage1` alone trains the stage 1 that `<variant>` trains first
+      set_run_length(c, v["stage1_steps"])
     m.stage1_steps = c.total_steps if stage == 1 else v["stage1_steps"]
     if stage == 2:
       set_run_length(c, v["total_steps"])
